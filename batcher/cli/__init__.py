@@ -1,0 +1,13 @@
+"""The ``batcher`` command."""
+
+from __future__ import annotations
+
+from batcher.cli import db_cmds, jobs_cmds
+from batcher.cli.app import app
+
+__all__ = ["app", "main"]
+_COMMANDS = (db_cmds, jobs_cmds)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,210 @@
+"""The schema: jobs, batches, ledger entries and provider pauses.
+
+The ORM metadata is the source of truth; migrations are checked against it. States are enforced twice:
+in code (``batcher.domain`` transition tables) and here (CHECK constraints, unique keys).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from batcher.domain import BatchState, JobState, state_values
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: dollars with ten decimal places: a token costs fractions of a micro-dollar
+Money = sa.Numeric(20, 10, asdecimal=True)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python; naive UTC in the column, so SQLite compares strings of one format."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _in(column: str, values: list[str]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: sa.JSON(), Decimal: Money}
+
+
+class Batch(Base):
+    """One provider batch: our row is written before the provider is called."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    provider: Mapped[str] = mapped_column(sa.String(32))
+    account: Mapped[str] = mapped_column(sa.String(64))
+    endpoint: Mapped[str] = mapped_column(sa.String(64))
+    model: Mapped[str] = mapped_column(sa.String(200))
+    state: Mapped[str] = mapped_column(sa.String(16), default=BatchState.OPEN.value)
+    #: the provider's own word for its status, as last seen
+    provider_state: Mapped[str | None] = mapped_column(sa.String(32))
+    provider_batch_id: Mapped[str | None] = mapped_column(sa.String(128))
+    input_file_id: Mapped[str | None] = mapped_column(sa.String(128))
+    output_file_id: Mapped[str | None] = mapped_column(sa.String(128))
+    error_file_id: Mapped[str | None] = mapped_column(sa.String(128))
+    request_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    bytes: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    succeeded: Mapped[int] = mapped_column(sa.Integer, default=0)
+    failed: Mapped[int] = mapped_column(sa.Integer, default=0)
+    expired: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cancelled: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: the provider's error list when the batch failed as a whole
+    errors: Mapped[Any | None] = mapped_column(sa.JSON)
+    submit_attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    poll_interval_s: Mapped[float] = mapped_column(sa.Float, default=15.0)
+    last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    collected_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("state", state_values(BatchState)), name="state"),
+        sa.CheckConstraint("request_count >= 0 AND bytes >= 0", name="sizes"),
+        sa.UniqueConstraint("account", "provider_batch_id"),
+        sa.Index(None, "state", "next_poll_at"),
+        sa.Index(None, "created_at"),
+    )
+
+
+class Job(Base):
+    """One request. ``body`` is the provider-native JSON text, stored as given."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    run: Mapped[str] = mapped_column(sa.String(200))
+    provider: Mapped[str] = mapped_column(sa.String(32))
+    account: Mapped[str] = mapped_column(sa.String(64))
+    endpoint: Mapped[str] = mapped_column(sa.String(64))
+    model: Mapped[str] = mapped_column(sa.String(200))
+    custom_id: Mapped[str] = mapped_column(sa.String(255))
+    body: Mapped[str] = mapped_column(sa.Text)
+    body_bytes: Mapped[int] = mapped_column(sa.Integer)
+    tags: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    priority: Mapped[int] = mapped_column(sa.Integer, default=0)
+    not_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    state: Mapped[str] = mapped_column(sa.String(16), default=JobState.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    batch_id: Mapped[str | None] = mapped_column(sa.ForeignKey("batches.id"))
+    #: the provider's response body (JSON text) once succeeded
+    result: Mapped[str | None] = mapped_column(sa.Text)
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    error: Mapped[Any | None] = mapped_column(sa.JSON)
+    usage: Mapped[Any | None] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: when the job last entered ``queued`` (the packer's max-wait clock)
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("state", state_values(JobState)), name="state"),
+        sa.CheckConstraint("attempts >= 0", name="attempts"),
+        sa.CheckConstraint(
+            f"batch_id IS NOT NULL OR NOT ({_in('state', ['packed', 'submitted'])})", name="batch_when_in_batch"
+        ),
+        sa.CheckConstraint(
+            f"(settled_at IS NOT NULL) = ({_in('state', ['succeeded', 'failed', 'cancelled'])})",
+            name="settled_when_terminal",
+        ),
+        # a user's custom_id is unique within their run: resubmitting a file adds nothing
+        sa.UniqueConstraint("run", "custom_id"),
+        sa.Index(None, "state", "account", "endpoint", "model"),
+        sa.Index(None, "batch_id", "state"),
+        sa.Index(None, "run", "state"),
+    )
+
+
+class LedgerEntry(Base):
+    """What one settled provider request cost, next to what it would have cost in real time.
+
+    Append-only. ``(job_id, attempt)`` is unique, so a result settled twice writes nothing the second time.
+    ``actual_usd``/``realtime_usd`` are NULL when the model has no price (unknown, never zero).
+    """
+
+    __tablename__ = "ledger"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id"))
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    batch_id: Mapped[str | None] = mapped_column(sa.String(32))
+    provider: Mapped[str] = mapped_column(sa.String(32))
+    account: Mapped[str] = mapped_column(sa.String(64))
+    model: Mapped[str] = mapped_column(sa.String(200))
+    run: Mapped[str] = mapped_column(sa.String(200))
+    tags: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    #: ``batch`` or ``realtime`` (deadline fallback)
+    mode: Mapped[str] = mapped_column(sa.String(16))
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    cache_creation_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    actual_usd: Mapped[Decimal | None] = mapped_column(Money)
+    realtime_usd: Mapped[Decimal | None] = mapped_column(Money)
+    batch_price_derived: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    price_source: Mapped[str | None] = mapped_column(sa.String(64))
+    price_version: Mapped[str | None] = mapped_column(sa.String(64))
+    settled_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "attempt"),
+        sa.CheckConstraint(_in("mode", ["batch", "realtime"]), name="mode"),
+        sa.CheckConstraint("(actual_usd IS NULL) = (realtime_usd IS NULL)", name="priced_both_or_neither"),
+        sa.Index(None, "run", "settled_at"),
+        sa.Index(None, "settled_at"),
+    )
+
+
+class Pause(Base):
+    """A provider account + model that must not get new batches until ``until`` (e.g. token limit hit)."""
+
+    __tablename__ = "pauses"
+
+    account: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    until: Mapped[datetime] = mapped_column(UTCDateTime())
+    backoff_s: Mapped[float] = mapped_column(sa.Float)
+    reason: Mapped[str] = mapped_column(sa.String(200))
+
+
+jobs = cast(sa.Table, Job.__table__)
+batches = cast(sa.Table, Batch.__table__)
+ledger = cast(sa.Table, LedgerEntry.__table__)
+pauses = cast(sa.Table, Pause.__table__)
+metadata = Base.metadata

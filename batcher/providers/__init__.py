@@ -1,0 +1,7 @@
+"""Provider adapters behind one protocol (:mod:`batcher.providers.base`)."""
+
+from __future__ import annotations
+
+from batcher.providers.base import BatchStatus, Limits, Outcome, OutcomeKind, ProviderAdapter, RequestCounts
+
+__all__ = ["BatchStatus", "Limits", "Outcome", "OutcomeKind", "ProviderAdapter", "RequestCounts"]

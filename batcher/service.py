@@ -1,0 +1,170 @@
+"""``batcher.Batcher``: the Python door in. Same code path as the CLI and the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from batcher.config import Settings
+from batcher.db import migrate, queries
+from batcher.db.engine import Database
+from batcher.domain import JOB_TERMINAL, JobSpec, JobState, Provider
+from batcher.errors import NotFound
+from batcher.intake import Defaults, IntakeResult, enqueue_specs, submit_file
+
+logger = logging.getLogger(__name__)
+
+
+class Batcher:
+    """Enqueue requests and read their outcome.
+
+    Use as ``async with Batcher(settings) as b: ...``. On entry the database is migrated to the
+    current schema (set ``migrate=False`` where migrations are run separately).
+
+    Args:
+        settings: configuration (default: from the environment).
+        migrate: apply migrations on entry.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, migrate: bool = True) -> None:
+        self.settings = settings or Settings()
+        self._migrate = migrate
+        self._db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise RuntimeError("use Batcher as an async context manager")
+        return self._db
+
+    async def __aenter__(self) -> Self:
+        self._db = Database(self.settings.database_url)
+        if self._migrate:
+            await migrate.upgrade(self._db.engine)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._db is not None:
+            await self._db.aclose()
+            self._db = None
+
+    async def enqueue(
+        self,
+        *,
+        provider: Provider | str,
+        body: dict[str, Any],
+        custom_id: str,
+        endpoint: str | None = None,
+        run: str = "default",
+        account: str | None = None,
+        tags: dict[str, str] | None = None,
+        priority: int = 0,
+        not_after: datetime | None = None,
+    ) -> str:
+        """Store one request; returns its job id (the existing one if ``custom_id`` is already in ``run``).
+
+        Raises:
+            InvalidInput: naming the field that is wrong.
+        """
+        spec = _spec(provider, body, custom_id, endpoint, run, account, tags, priority, not_after)
+        return (await enqueue_specs(self.db, [spec]))[0]
+
+    async def enqueue_many(self, specs: Iterable[JobSpec]) -> list[str]:
+        """Store many requests in one transaction; all or nothing. Returns the job ids in order."""
+        return await enqueue_specs(self.db, specs, chunk_size=self.settings.intake_chunk)
+
+    async def submit_file(
+        self,
+        path: str | Path,
+        *,
+        provider: Provider | str,
+        run: str = "default",
+        account: str | None = None,
+        tags: dict[str, str] | None = None,
+        priority: int = 0,
+        not_after: datetime | None = None,
+        rejects_path: str | Path | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> IntakeResult:
+        """Store every request of a provider batch file (OpenAI or Anthropic input format).
+
+        Raises:
+            InvalidFile: some lines are invalid (named) and ``rejects_path`` was not given; nothing stored.
+        """
+        return await submit_file(
+            self.db,
+            Path(path),
+            Provider(provider),
+            Defaults(run, account, tags, priority, not_after),
+            rejects_path=None if rejects_path is None else Path(rejects_path),
+            chunk_size=self.settings.intake_chunk,
+            progress=progress,
+        )
+
+    async def get(self, job_id: str) -> queries.JobInfo:
+        """One job, with its result. Raises :class:`NotFound`."""
+        async with self.db.engine.connect() as conn:
+            job = await queries.get_job(conn, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    async def wait(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0) -> queries.JobInfo:
+        """Wait until the job is settled (succeeded, failed or cancelled) and return it.
+
+        Raises:
+            NotFound: no such job.
+            TimeoutError: not settled within ``timeout_s``.
+        """
+        async with asyncio.timeout(timeout_s):
+            while True:
+                job = await self.get(job_id)
+                if JobState(job.state) in JOB_TERMINAL:
+                    return job
+                await asyncio.sleep(poll_s)
+
+    async def jobs(
+        self, *, run: str | None = None, state: JobState | None = None, batch_id: str | None = None, limit: int = 50
+    ) -> list[queries.JobInfo]:
+        async with self.db.engine.connect() as conn:
+            return await queries.list_jobs(conn, run=run, state=state, batch_id=batch_id, limit=limit)
+
+    async def status(self, *, run: str | None = None) -> queries.StatusReport:
+        async with self.db.engine.connect() as conn:
+            return await queries.status(conn, run=run)
+
+
+def _spec(
+    provider: Provider | str,
+    body: dict[str, Any],
+    custom_id: str,
+    endpoint: str | None,
+    run: str,
+    account: str | None,
+    tags: dict[str, str] | None,
+    priority: int,
+    not_after: datetime | None,
+) -> JobSpec:
+    provider = Provider(provider)
+    if endpoint is None:
+        endpoint = "/v1/messages" if provider is Provider.ANTHROPIC else "/v1/chat/completions"
+    model = body.get("model")
+    return JobSpec(
+        provider=provider,
+        endpoint=endpoint,
+        model=model if isinstance(model, str) else "",
+        custom_id=custom_id,
+        body=body,
+        run=run,
+        account=account,
+        tags=tags or {},
+        priority=priority,
+        not_after=not_after,
+    )

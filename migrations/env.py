@@ -1,0 +1,49 @@
+"""Alembic environment: runs migrations over batcher's async engine (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from batcher.config import Settings
+from batcher.db.engine import make_engine
+from batcher.db.tables import metadata
+
+config = context.config
+
+
+def _do_run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_do_run)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+def run() -> None:
+    existing = config.attributes.get("connection")
+    if existing is not None:
+        _do_run(existing)
+        return
+    url = config.get_main_option("sqlalchemy.url") or Settings().database_url
+    asyncio.run(_run_async(url))
+
+
+if context.is_offline_mode():
+    raise SystemExit("batcher's migrations run online only: use `batcher db upgrade`")
+run()

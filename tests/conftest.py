@@ -1,0 +1,113 @@
+"""Shared fixtures: a fresh database per test on SQLite and (when configured) PostgreSQL, real Redis.
+
+PostgreSQL runs when ``BATCHER_TEST_POSTGRES_URL`` points at a server (``.ci/run`` sets it). Where it is
+unset, PostgreSQL cases skip with that reason — unless ``BATCHER_TEST_REQUIRE_POSTGRES=1`` (CI), in which
+case a missing or unreachable server fails the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from batcher.config import Settings
+from batcher.db import migrate
+from batcher.db.engine import Database
+
+POSTGRES_URL = os.environ.get("BATCHER_TEST_POSTGRES_URL")
+REQUIRE_POSTGRES = os.environ.get("BATCHER_TEST_REQUIRE_POSTGRES") == "1"
+ENGINES = ["sqlite", "postgres"]
+
+_KEEP = ("BATCHER_TEST_",)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's own batcher or provider settings."""
+    for name in list(os.environ):
+        if name.startswith(("BATCHER_", "OPENAI_", "ANTHROPIC_")) and not name.startswith(_KEEP):
+            monkeypatch.delenv(name)
+
+
+def _pg_parts() -> tuple[str, str]:
+    """(admin URL for asyncpg, URL template for SQLAlchemy with the database name left out)."""
+    assert POSTGRES_URL is not None
+    parts = urlsplit(POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://"))
+    return urlunsplit(parts), urlunsplit(parts._replace(path="/{db}")).replace("postgresql://", "postgresql+asyncpg://")
+
+
+def postgres_or_skip() -> None:
+    if POSTGRES_URL:
+        return
+    if REQUIRE_POSTGRES:
+        pytest.fail("BATCHER_TEST_REQUIRE_POSTGRES=1 but BATCHER_TEST_POSTGRES_URL is not set")
+    pytest.skip("PostgreSQL suite not run: BATCHER_TEST_POSTGRES_URL is not set")
+
+
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database (its SQLAlchemy URL); dropped on exit."""
+    postgres_or_skip()
+    admin, template = _pg_parts()
+    name = f"batcher_test_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = await asyncpg.connect(admin, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield template.format(db=name)
+    finally:
+        conn = await asyncpg.connect(admin, timeout=10)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(params=ENGINES)
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database URL, once per engine."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'batcher.db'}"
+        return
+    async with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """A migrated database, once per engine."""
+    database = Database(db_url)
+    await migrate.upgrade(database.engine)
+    try:
+        yield database
+    finally:
+        await database.aclose()
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(database_url=db_url)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def repo_root() -> Iterator[Path]:
+    yield Path(__file__).resolve().parents[1]
