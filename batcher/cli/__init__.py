@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from batcher.cli import db_cmds, jobs_cmds
+from batcher.cli import db_cmds, jobs_cmds, run_cmds
 from batcher.cli.app import app
 
 __all__ = ["app", "main"]
-_COMMANDS = (db_cmds, jobs_cmds)
+_COMMANDS = (db_cmds, jobs_cmds, run_cmds)
 
 
 def main() -> None:

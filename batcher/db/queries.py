@@ -179,3 +179,17 @@ async def status(conn: AsyncConnection, *, run: str | None = None) -> StatusRepo
     for state, count in await conn.execute(sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state)):
         batch_counts[state] = count
     return StatusReport(totals=totals, runs=sorted(runs.values(), key=lambda r: r.run), batches=batch_counts)
+
+
+async def usage_totals(conn: AsyncConnection, *, run: str | None = None) -> dict[str, int]:
+    """Tokens reported by the provider over succeeded jobs (OpenAI and Anthropic usage shapes)."""
+    query = sa.select(jobs.c.usage).where(jobs.c.state == JobState.SUCCEEDED.value, jobs.c.usage.is_not(None))
+    if run is not None:
+        query = query.where(jobs.c.run == run)
+    totals = {"jobs": 0, "input_tokens": 0, "output_tokens": 0}
+    result = await conn.stream(query.execution_options(yield_per=5000))
+    async for (usage,) in result:
+        totals["jobs"] += 1
+        totals["input_tokens"] += int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0)
+        totals["output_tokens"] += int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
+    return totals

@@ -28,7 +28,7 @@ def test_terminal_states_have_no_way_out() -> None:
         assert JOB_TRANSITIONS[state] == frozenset()
     for bstate in BATCH_TERMINAL:
         assert BATCH_TRANSITIONS[bstate] == frozenset()
-    assert JOB_TERMINAL == {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED} == JOB_TERMINAL
 
 
 def test_every_non_terminal_state_can_end() -> None:

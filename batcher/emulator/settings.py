@@ -1,0 +1,54 @@
+"""Settings of the provider emulator.
+
+Built at the edge (CLI, test fixture, demo) and passed to :func:`batcher.emulator.create_app`.
+Every knob can also come from the environment with the ``BATCHER_EMULATOR_`` prefix, e.g.
+``BATCHER_EMULATOR_ERROR_RATE=0.1``; pydantic-settings reads it, library code never does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EmulatorSettings"]
+
+
+class EmulatorSettings(BaseSettings):
+    """Behaviour and fault knobs of the emulated OpenAI Files + Batches API.
+
+    Attributes:
+        latency_s: Seconds from batch creation to ``completed``. Validation takes the first 20%,
+            ``in_progress`` the next 60% and ``finalizing`` the last 20%; a cancellation takes 10%.
+            ``0`` means every transition is due at once and shows on the next read.
+        error_rate: Fraction of requests (0..1) that fail. Failures alternate between HTTP-level
+            errors inside ``response`` (500, 429, 400) and a top-level ``error`` with
+            ``response: null``.
+        api_error_rate: Fraction of HTTP calls to ``/v1/*`` (0..1) answered with 429 (with
+            ``Retry-After``) or 500 before doing any work.
+        expire_rate: Fraction of batches (0..1) that run out of time and end ``expired`` with part
+            of their requests done.
+        token_limit: Enqueued prompt tokens allowed per model across non-terminal batches; a batch
+            that would go over fails with ``token_limit_exceeded``. ``None`` means unlimited.
+        seed: Seed of every random decision; the same seed and the same calls give the same run.
+        max_requests: Most request lines in one batch input file.
+        max_bytes: Largest batch input file in bytes.
+        data_dir: Directory where uploaded and generated files are kept. ``None`` means a fresh
+            temporary directory that is removed when the app shuts down.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BATCHER_EMULATOR_", extra="ignore")
+
+    latency_s: float = Field(default=3.0, ge=0.0, le=86_400.0)
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    api_error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    expire_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    token_limit: int | None = Field(default=None, gt=0)
+    seed: int = 0
+    max_requests: int = Field(default=50_000, gt=0)
+    max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    data_dir: Path | None = None

@@ -1,0 +1,127 @@
+"""Packing policy: which queued groups become batches now, and how they split. Pure functions, no I/O.
+
+Jobs are grouped by provider, account, endpoint and model (one model per batch is the strictest
+provider's rule, and it keeps price lookup per batch trivial). A group is flushed when it fills a batch,
+when its oldest job has waited ``max_wait_s``, when a job's deadline needs the batch to start now, or
+when the caller forces it (burst mode: no more work is coming).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from batcher.providers.base import Limits
+
+#: bytes a line adds around the stored body (custom_id, method, url and punctuation), rounded up
+LINE_OVERHEAD_BYTES = 160
+
+
+class FlushReason(str, Enum):
+    #: enough jobs (or bytes) for a full batch
+    FULL = "full"
+    #: the oldest job has waited long enough
+    MAX_WAIT = "max_wait"
+    #: a job's deadline leaves no more time to wait
+    DEADLINE = "deadline"
+    #: the caller asked (burst mode)
+    FORCED = "forced"
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    provider: str
+    account: str
+    endpoint: str
+    model: str
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """What the queue holds for one group."""
+
+    key: GroupKey
+    count: int
+    body_bytes: int
+    oldest_queued_at: datetime
+    earliest_deadline: datetime | None
+
+    @property
+    def line_bytes(self) -> int:
+        return self.body_bytes + self.count * LINE_OVERHEAD_BYTES
+
+
+def flush_reason(
+    stats: GroupStats,
+    limits: Limits,
+    now: datetime,
+    *,
+    max_wait_s: float,
+    turnaround_s: float,
+    force: bool = False,
+) -> FlushReason | None:
+    """Why the group should be packed now, or ``None`` to let it wait for more jobs.
+
+    Args:
+        stats: the group's queue.
+        limits: the provider's batch limits.
+        now: the current time.
+        max_wait_s: how long the oldest job may wait for company.
+        turnaround_s: how long a batch is expected to take at this provider; a job whose deadline is
+            nearer than that cannot wait any longer.
+        force: pack whatever is there.
+    """
+    if stats.count <= 0:
+        return None
+    if stats.count >= limits.max_requests or stats.line_bytes >= limits.max_bytes:
+        return FlushReason.FULL
+    if force:
+        return FlushReason.FORCED
+    if stats.earliest_deadline is not None and stats.earliest_deadline - timedelta(seconds=turnaround_s) <= now:
+        return FlushReason.DEADLINE
+    if now - stats.oldest_queued_at >= timedelta(seconds=max_wait_s):
+        return FlushReason.MAX_WAIT
+    return None
+
+
+def split(candidates: Iterable[tuple[str, int]], limits: Limits, *, keep_partial: bool) -> list[list[str]]:
+    """Cut ``(job_id, body_bytes)`` pairs, already in packing order, into batches within the limits.
+
+    Args:
+        candidates: queued jobs, highest priority first.
+        limits: the provider's request and byte caps per batch.
+        keep_partial: keep the last batch even when it is not full (the group is being flushed); when
+            ``False`` only full batches are returned and the rest keeps waiting.
+
+    Returns:
+        Job ids per batch, in order.
+    """
+    batches: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for job_id, body_bytes in candidates:
+        line = body_bytes + LINE_OVERHEAD_BYTES
+        if current and (len(current) >= limits.max_requests or current_bytes + line > limits.max_bytes):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(job_id)
+        current_bytes += line
+    if current:
+        full = len(current) >= limits.max_requests or current_bytes >= limits.max_bytes
+        if keep_partial or full:
+            batches.append(current)
+    return batches
+
+
+def next_poll_interval(current_s: float, *, min_s: float, max_s: float) -> float:
+    """Poll back-off: double the interval each time the batch is still running, within ``[min_s, max_s]``."""
+    return max(min_s, min(current_s * 2, max_s))
+
+
+def pause_backoff(previous_s: float | None, *, base_s: float, max_s: float = 6 * 3600) -> float:
+    """How long to pause a provider+model after its token limit was hit: ``base_s``, doubling while it recurs."""
+    if previous_s is None or previous_s <= 0:
+        return base_s
+    return min(previous_s * 2, max_s)
