@@ -7,11 +7,44 @@ Provider keys and base URLs use the SDKs' own variables (``OPENAI_API_KEY``, ``O
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from batcher.domain import Provider
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./batcher.db"
+
+
+class AccountSettings(BaseModel):
+    """One configured provider account, e.g. ``BATCHER_PROVIDERS__groq__KIND=openai``.
+
+    Attributes:
+        kind: which batch API it speaks (``openai`` for every OpenAI-compatible host).
+        base_url: the API root (``…/v1`` for OpenAI-compatible hosts).
+        api_key: its key (never logged).
+        discount: fraction off the real-time price for a batch, when a model has no published batch price.
+        max_requests: requests per batch (the provider's cap).
+        max_bytes: bytes per batch input.
+        completion_window: the window asked for at create (OpenAI-compatible; Groq takes 24h to 7d).
+        line_format: ``openai`` lines carry method and url; ``mistral`` lines are ``{custom_id, body}`` only.
+        price_provider: the provider whose price list applies (``groq``, ``together``, ``mistral``, ``azure``…);
+            default: the account's name if genai-prices knows it, else its kind.
+        expected_turnaround_s: how long a batch usually takes there (deadline planning).
+    """
+
+    kind: Provider = Provider.OPENAI
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    discount: Decimal | None = Field(default=None, ge=0, le=1)
+    max_requests: int | None = Field(default=None, gt=0)
+    max_bytes: int | None = Field(default=None, gt=0)
+    completion_window: str = "24h"
+    line_format: Literal["openai", "mistral"] = "openai"
+    price_provider: str | None = None
+    expected_turnaround_s: float | None = Field(default=None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -24,7 +57,9 @@ class Settings(BaseSettings):
         max_attempts: how many times a job is sent to a provider before it fails for good.
     """
 
-    model_config = SettingsConfigDict(env_prefix="BATCHER_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHER_", extra="ignore", populate_by_name=True, env_nested_delimiter="__"
+    )
 
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
@@ -54,8 +89,20 @@ class Settings(BaseSettings):
     settle_chunk: int = Field(default=1000, ge=1)
     provider_concurrency: int = Field(default=4, ge=1)
     intake_chunk: int = Field(default=5000, ge=1)
-    openai_discount: Decimal = Decimal("0.5")
-    anthropic_discount: Decimal = Decimal("0.5")
+    #: extra provider accounts by name (OpenAI-compatible hosts, second organisations…)
+    providers: dict[str, AccountSettings] = Field(default_factory=dict)
+    #: fraction off the real-time price per provider where a model has no published batch price
+    batch_discounts: dict[str, Decimal] = Field(default_factory=dict)
+    #: JSON file of per-model prices (negotiated rates); see ``batcher.pricing.load_overrides``
+    price_overrides_file: Path | None = None
+
+    @field_validator("providers")
+    @classmethod
+    def _account_names(cls, value: dict[str, AccountSettings]) -> dict[str, AccountSettings]:
+        for name in value:
+            if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"account name {name!r}: use letters, digits, - and _ (at most 64)")
+        return value
 
     @property
     def is_sqlite(self) -> bool:

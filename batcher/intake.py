@@ -61,6 +61,13 @@ class ParsedLine:
     endpoint: str
     model: str
     body_json: str
+    #: the body's size in bytes (UTF-8), what provider limits count
+    body_bytes: int
+
+    @classmethod
+    def build(cls, custom_id: str, endpoint: str, model: str, body: Any) -> ParsedLine:
+        encoded = orjson.dumps(body)
+        return cls(custom_id, endpoint, model, encoded.decode(), len(encoded))
 
 
 @dataclass
@@ -128,7 +135,7 @@ def parse_openai_request(obj: Any, limits: Limits) -> ParsedLine:
     if not _OPENAI_FIELDS.issuperset(obj):
         extra = set(obj) - _OPENAI_FIELDS
         raise InvalidInput(f"unexpected field(s) {', '.join(sorted(extra))}", field=sorted(extra)[0])
-    return ParsedLine(custom_id, url, model, orjson.dumps(body).decode())
+    return ParsedLine.build(custom_id, url, model, body)
 
 
 def parse_anthropic_request(obj: Any, limits: Limits) -> ParsedLine:
@@ -153,7 +160,7 @@ def parse_anthropic_request(obj: Any, limits: Limits) -> ParsedLine:
     if not _ANTHROPIC_FIELDS.issuperset(obj):
         extra = set(obj) - _ANTHROPIC_FIELDS
         raise InvalidInput(f"unexpected field(s) {', '.join(sorted(extra))}", field=sorted(extra)[0])
-    return ParsedLine(custom_id, ANTHROPIC_ENDPOINT, model, orjson.dumps(params).decode())
+    return ParsedLine.build(custom_id, ANTHROPIC_ENDPOINT, model, params)
 
 
 PARSERS: dict[Provider, Callable[[Any, Limits], ParsedLine]] = {
@@ -207,7 +214,7 @@ class RowBuilder:
         row["endpoint"] = line.endpoint
         row["model"] = line.model
         row["body"] = line.body_json
-        row["body_bytes"] = len(line.body_json)
+        row["body_bytes"] = line.body_bytes
         return row
 
 
@@ -218,11 +225,12 @@ _PER_ROW_COLUMNS = ("id", "custom_id", "endpoint", "model", "body", "body_bytes"
 def _new_ids(count: int) -> list[str]:
     """``count`` ids in :func:`batcher.domain.new_id`'s format (48 bits of milliseconds, 80 random bits).
 
-    One clock read and one ``urandom`` call for all of them: a chunk's jobs share their millisecond.
+    One clock read and one ``urandom`` call for all of them: the jobs of a chunk share their millisecond, and
+    their random parts are handed out in ascending order, so ids still follow the file's line order.
     """
     prefix = f"{int(time.time() * 1000):012x}"
     hexed = os.urandom(10 * count).hex()
-    return [prefix + hexed[i : i + 20] for i in range(0, 20 * count, 20)]
+    return [prefix + part for part in sorted(hexed[i : i + 20] for i in range(0, 20 * count, 20))]
 
 
 class FileRows:
@@ -265,7 +273,7 @@ class FileRows:
         assemble = self._assemble
         shared = self._shared
         return [
-            assemble((job_id, p.custom_id, p.endpoint, p.model, p.body_json, len(p.body_json), *shared))
+            assemble((job_id, p.custom_id, p.endpoint, p.model, p.body_json, p.body_bytes, *shared))
             for job_id, p in zip(_new_ids(len(lines)), lines, strict=True)
         ]
 

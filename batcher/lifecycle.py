@@ -34,8 +34,11 @@ from batcher.domain import (
     new_id,
     state_values,
 )
-from batcher.errors import NotFound, ProviderError
-from batcher.packer import GroupKey, GroupStats, flush_reason, next_poll_interval, pause_backoff, split
+from batcher.errors import ConfigError, NotFound, ProviderError
+from batcher.ledger import entries_from_batch, entry_params
+from batcher.packer import FlushReason, GroupKey, GroupStats, flush_reason, next_poll_interval, pause_backoff, split
+from batcher.pricing import ZERO_COST, PriceBook, load_overrides, normalize_usage
+from batcher.providers import registry
 from batcher.providers.base import BatchStatus, Outcome, OutcomeKind, ProviderAdapter
 from batcher.timeutil import utcnow
 
@@ -96,6 +99,8 @@ class Pipeline:
         owner: this worker's name, written into leases.
         work_dir: where batch input files are written before upload (default: the system temp dir).
         clock: the current time, for leases renewed during long steps.
+        prices: the price book for ledger entries (default: genai-prices with the settings' discounts and
+            overrides).
     """
 
     def __init__(
@@ -107,8 +112,11 @@ class Pipeline:
         owner: str | None = None,
         work_dir: Path | None = None,
         clock: Callable[[], datetime] = utcnow,
+        prices: PriceBook | None = None,
     ) -> None:
         self.clock = clock
+        self.prices = prices or PriceBook(registry.discounts(settings), load_overrides(settings.price_overrides_file))
+        self._price_providers: dict[str, str] = {}
         self.db = db
         self.settings = settings
         self.adapters = dict(adapters)
@@ -120,6 +128,16 @@ class Pipeline:
             return self.adapters[account]
         except KeyError:
             raise NotFound(f"no provider account {account!r} is configured") from None
+
+    def price_provider(self, account: str) -> str:
+        """Whose price list applies to an account (a configured one's, else its adapter's kind)."""
+        if account not in self._price_providers:
+            try:
+                found = registry.price_provider(account, registry.account_settings(self.settings, account))
+            except ConfigError:
+                found = self.adapter(account).kind.value
+            self._price_providers[account] = found
+        return self._price_providers[account]
 
     def _lease_until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.lease_s)
@@ -145,7 +163,13 @@ class Pipeline:
             )
             if reason is None:
                 continue
-            created.extend(await self._pack_group(stats.key, adapter, now, keep_partial=reason.value != "full"))
+            # forced (burst mode) packs the remainder too; a full group otherwise leaves it waiting for company
+            keep_partial = force or reason is not FlushReason.FULL
+            try:
+                created.extend(await self._pack_group(stats.key, adapter, now, keep_partial=keep_partial))
+            except _RaceLost as exc:
+                # rolled back; the group's rows are packed on a later tick. Other groups still go now.
+                logger.info("%s; retrying next tick", exc)
         if created:
             logger.info("packed %d batch(es)", len(created))
         return created
@@ -275,7 +299,11 @@ class Pipeline:
         if status is None:
             await self._finish_empty(batch_id, now)
             return
-        await self._record_submitted(batch_id, status, now)
+        moved = await self._record_submitted(batch_id, status, now, adapter)
+        if moved == 0:
+            # every job was cancelled while the provider batch was being created: stop it there, nobody waits
+            # for its results
+            await self.cancel_batch(batch_id, now)
 
     async def _submit_steps(
         self, row: Mapping[str, Any], adapter: ProviderAdapter, path: Path, now: datetime
@@ -292,6 +320,15 @@ class Pipeline:
         if count == 0:
             return None
         file_id = row["input_file_id"]
+        if file_id is not None and count != row["request_count"]:
+            # jobs left the batch (cancelled) since that file was uploaded by an earlier attempt: sending it
+            # would run (and bill) them anyway. Upload the current file instead.
+            logger.info("batch %s lost jobs since its upload; replacing file %s", batch_id, file_id)
+            try:
+                await adapter.delete_file(file_id)
+            except ProviderError as exc:  # a stray file costs nothing; the batch goes on
+                logger.warning("could not delete stale input file %s of batch %s: %s", file_id, batch_id, exc)
+            file_id = None
         if file_id is None:
             file_id = await adapter.upload(path)
             async with self.db.engine.begin() as conn:
@@ -358,7 +395,15 @@ class Pipeline:
                 .values(**values)
             )
 
-    async def _record_submitted(self, batch_id: str, status: BatchStatus, now: datetime) -> None:
+    async def _record_submitted(
+        self, batch_id: str, status: BatchStatus, now: datetime, adapter: ProviderAdapter
+    ) -> int | None:
+        """Record the provider batch and move the jobs to ``submitted``; returns how many moved.
+
+        ``None``: the row left ``submitting`` first (our lease ran out and another worker took over). If it
+        holds a provider batch other than ours, ours is an orphan nobody would collect, running the jobs a
+        second time: it is cancelled at the provider.
+        """
         state = status.state if status.state is not BatchState.OPEN else BatchState.VALIDATING
         async with self.db.engine.begin() as conn:
             result = await conn.execute(
@@ -378,14 +423,24 @@ class Pipeline:
                 )
             )
             if result.rowcount != 1:
-                logger.warning("batch %s left submitting before it was recorded", batch_id)
-                return
-            await conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.batch_id == batch_id, jobs.c.state == JobState.PACKED.value)
-                .values(state=JobState.SUBMITTED.value, attempts=jobs.c.attempts + 1, updated_at=now)
-            )
+                recorded = await conn.scalar(sa.select(batches.c.provider_batch_id).where(batches.c.id == batch_id))
+            else:
+                moved = await conn.execute(
+                    sa.update(jobs)
+                    .where(jobs.c.batch_id == batch_id, jobs.c.state == JobState.PACKED.value)
+                    .values(state=JobState.SUBMITTED.value, attempts=jobs.c.attempts + 1, updated_at=now)
+                )
+        if result.rowcount != 1:
+            logger.warning("batch %s left submitting before it was recorded", batch_id)
+            if recorded != status.provider_batch_id:
+                logger.warning("cancelling orphan provider batch %s of batch %s", status.provider_batch_id, batch_id)
+                try:
+                    await adapter.cancel(status.provider_batch_id)
+                except ProviderError as exc:
+                    logger.error("could not cancel orphan provider batch %s: %s", status.provider_batch_id, exc)
+            return None
         logger.info("batch %s submitted as %s (%s)", batch_id, status.provider_batch_id, status.provider_state)
+        return int(moved.rowcount)
 
     # ------------------------------------------------------------------ poll
 
@@ -478,15 +533,22 @@ class Pipeline:
             await self._requeue_token_limited(claimed, now, report)
         elif state is BatchState.FAILED:
             await self._settle_failed_batch(claimed, now, report)
+        elif claimed["provider_batch_id"] is None:
+            # never reached the provider (every job was cancelled while it was open): no results to read
+            await self._settle_leftovers(claimed, now, report)
         else:
             adapter = self.adapter(claimed["account"])
             try:
                 await self._settle_results(claimed, adapter, now, report)
             except ProviderError as exc:
-                delay = max(exc.retry_after_s or 0.0, self.settings.poll_min_s)
-                logger.warning("collect of batch %s failed, retrying in %.0fs: %s", batch_id, delay, exc)
-                await self._release(batch_id, now)
-                return None
+                if exc.retryable:
+                    delay = max(exc.retry_after_s or 0.0, self.settings.poll_min_s)
+                    logger.warning("collect of batch %s failed, retrying in %.0fs: %s", batch_id, delay, exc)
+                    await self._release(batch_id, now, next_poll_at=now + timedelta(seconds=delay))
+                    return None
+                # the results cannot be read, now or later (e.g. the output file is gone): retrying would
+                # keep the batch, and its jobs, stuck forever. What did not settle is treated as missing.
+                logger.error("results of batch %s cannot be read, settling the rest as missing: %s", batch_id, exc)
             await self._settle_leftovers(claimed, now, report)
         async with self.db.engine.begin() as conn:
             counts: dict[str, int] = {
@@ -499,6 +561,20 @@ class Pipeline:
             report.failed = counts.get(JobState.FAILED.value, 0)
             report.cancelled = counts.get(JobState.CANCELLED.value, 0)
             report.requeued = counts.get(JobState.QUEUED.value, 0)
+            # per job, not per result line (a line may repeat, and a collect resumed after a crash re-reads
+            # lines an earlier one settled); the error names the batch, so an older attempt's expiry is not
+            # counted here
+            report.expired = int(
+                await conn.scalar(
+                    sa.select(sa.func.count()).where(
+                        jobs.c.batch_id == batch_id,
+                        jobs.c.state.in_([JobState.QUEUED.value, JobState.FAILED.value]),
+                        jobs.c.error_code == "expired",
+                        jobs.c.error["batch_id"].as_string() == batch_id,
+                    )
+                )
+                or 0
+            )
             await conn.execute(
                 sa.update(batches)
                 .where(batches.c.id == batch_id, batches.c.lease_owner == self.owner)
@@ -555,19 +631,26 @@ class Pipeline:
         retry: list[dict[str, Any]] = []
         cancelled: list[str] = []
         report.results += len(outcomes)
+        seen: set[str] = set()
         for o in outcomes:
+            # a repeated line is waste: the first one settles the job (as it would in an earlier chunk)
+            if o.custom_id in seen:
+                continue
+            seen.add(o.custom_id)
             if o.kind is OutcomeKind.SUCCEEDED:
                 succeeded.append({"b_id": o.custom_id, "b_result": o.body, "b_usage": o.usage})
                 continue
-            if o.kind is OutcomeKind.CANCELLED or (cancelled_batch and o.kind is OutcomeKind.EXPIRED):
+            expired = o.kind is OutcomeKind.EXPIRED
+            if o.kind is OutcomeKind.CANCELLED or (cancelled_batch and (expired or o.retryable)):
+                # the batch was cancelled: what did not finish is cancelled, never sent again
                 cancelled.append(o.custom_id)
                 continue
-            expired = o.kind is OutcomeKind.EXPIRED
             code = "expired" if expired else (o.error_code or "error")
             error = {"code": code, "message": o.error_message, "status_code": o.status_code, "batch_id": batch_id}
             entry = {"b_id": o.custom_id, "b_code": code[:64], "b_error": error}
-            report.expired += expired
             (retry if o.retryable or expired else failed).append(entry)
+        entries = self._ledger_params(batch, succeeded, failed, cancelled)
+        exhausted = [entry_params(e["b_id"], None, ZERO_COST) for e in retry]
         guard = sa.and_(
             jobs.c.id == sa.bindparam("b_id"), jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value
         )
@@ -577,6 +660,14 @@ class Pipeline:
             "updated_at": now,
         }
         async with self.db.engine.begin() as conn:
+            # the ledger first, from the rows still ``submitted``: a job settled before writes nothing
+            if entries:
+                await conn.execute(entries_from_batch(self.db, batch_id, mode="batch", now=now), entries)
+            if exhausted:
+                used_up = jobs.c.attempts >= self.settings.max_attempts
+                await conn.execute(
+                    entries_from_batch(self.db, batch_id, mode="batch", now=now, only=used_up), exhausted
+                )
             if succeeded:
                 await conn.execute(
                     sa.update(jobs)
@@ -616,6 +707,24 @@ class Pipeline:
                     .values(state=JobState.CANCELLED.value, settled_at=now, updated_at=now)
                 )
 
+    def _ledger_params(
+        self,
+        batch: Mapping[str, Any],
+        succeeded: list[dict[str, Any]],
+        failed: list[dict[str, Any]],
+        cancelled: list[str],
+    ) -> list[dict[str, Any]]:
+        """Ledger bind parameters for the outcomes that settle a job for good; only successes are billed."""
+        provider = self.price_provider(batch["account"])
+        entries = []
+        for s in succeeded:
+            usage = normalize_usage(batch["provider"], s["b_usage"])
+            cost = self.prices.cost(provider, batch["model"], usage, mode="batch")
+            entries.append(entry_params(s["b_id"], usage, cost))
+        entries.extend(entry_params(f["b_id"], None, ZERO_COST) for f in failed)
+        entries.extend(entry_params(job_id, None, ZERO_COST) for job_id in cancelled)
+        return entries
+
     async def _settle_leftovers(self, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
         """Jobs of the batch that got no result line: cancelled with a cancelled batch, else retried."""
         batch_id = batch["id"]
@@ -642,8 +751,6 @@ class Pipeline:
                 .values(state=JobState.FAILED.value, error_code=code, error=error, settled_at=now, updated_at=now)
             )
         report.missing += requeued.rowcount + failed.rowcount
-        if code == "expired":
-            report.expired += requeued.rowcount + failed.rowcount
         if report.missing:
             logger.warning("batch %s: %d job(s) had no result line", batch_id, report.missing)
 
@@ -699,9 +806,15 @@ class Pipeline:
         errors = [e for e in (batch["errors"] or []) if isinstance(e, dict)]
         line_errors = {int(e["line"]): e for e in errors if isinstance(e.get("line"), int) and e["line"] >= 1}
         async with self.db.engine.begin() as conn:
+            # the file held the batch's jobs that were still packed when it was written, in id order; those
+            # are the submitted ones now (jobs cancelled while the batch was open were not in it)
             ordered = [
                 r[0]
-                for r in await conn.execute(sa.select(jobs.c.id).where(jobs.c.batch_id == batch_id).order_by(jobs.c.id))
+                for r in await conn.execute(
+                    sa.select(jobs.c.id)
+                    .where(jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
+                    .order_by(jobs.c.id)
+                )
             ]
             bad = {ordered[line - 1]: e for line, e in line_errors.items() if line <= len(ordered)}
             for job_id, e in bad.items():
@@ -733,11 +846,15 @@ class Pipeline:
                 )
                 report.requeued += result.rowcount
                 return
+            # jobs still packed were refused at submit and never counted an attempt: count it now, or a batch
+            # the provider always refuses would be packed and refused forever
+            counted = sa.case((jobs.c.state == JobState.PACKED.value, jobs.c.attempts + 1), else_=jobs.c.attempts)
             requeued = await conn.execute(
                 sa.update(jobs)
-                .where(in_batch, jobs.c.attempts < self.settings.max_attempts)
+                .where(in_batch, counted < self.settings.max_attempts)
                 .values(
                     state=JobState.QUEUED.value,
+                    attempts=counted,
                     error_code=error["code"],
                     error=error,
                     queued_at=now,
@@ -748,7 +865,12 @@ class Pipeline:
                 sa.update(jobs)
                 .where(in_batch)
                 .values(
-                    state=JobState.FAILED.value, error_code=error["code"], error=error, settled_at=now, updated_at=now
+                    state=JobState.FAILED.value,
+                    attempts=counted,
+                    error_code=error["code"],
+                    error=error,
+                    settled_at=now,
+                    updated_at=now,
                 )
             )
             report.requeued += requeued.rowcount
@@ -761,12 +883,15 @@ class Pipeline:
         free = sa.or_(batches.c.lease_owner.is_(None), batches.c.lease_expires_at < now)
         due_time = sa.or_(batches.c.next_poll_at.is_(None), batches.c.next_poll_at <= now)
         query = sa.select(batches.c.id, batches.c.state).where(
+            # another worker's accounts: claiming them here would only hold their lease and fail
+            batches.c.account.in_(sorted(self.adapters)),
             free,
             sa.or_(
                 sa.and_(batches.c.state == BatchState.OPEN.value, due_time),
                 batches.c.state == BatchState.SUBMITTING.value,
                 sa.and_(batches.c.state.in_(state_values(BATCH_AT_PROVIDER)), due_time),
-                batches.c.state.in_(state_values(BATCH_TO_COLLECT)),
+                # a collect that failed on a retryable error waits until next_poll_at
+                sa.and_(batches.c.state.in_(state_values(BATCH_TO_COLLECT)), due_time),
             ),
         )
         out = Due()
@@ -795,7 +920,9 @@ class Pipeline:
             if active_job is not None:
                 return True
             active_batch = await conn.scalar(
-                sa.select(batches.c.id).where(batches.c.state != BatchState.COLLECTED.value).limit(1)
+                sa.select(batches.c.id)
+                .where(batches.c.state != BatchState.COLLECTED.value, batches.c.account.in_(sorted(self.adapters)))
+                .limit(1)
             )
             return active_batch is not None
 
@@ -803,7 +930,9 @@ class Pipeline:
         """Seconds until the next batch step is due (0 if one is due now), ``None`` when no batch is active."""
         async with self.db.engine.connect() as conn:
             earliest = await conn.scalar(
-                sa.select(sa.func.min(batches.c.next_poll_at)).where(batches.c.state != BatchState.COLLECTED.value)
+                sa.select(sa.func.min(batches.c.next_poll_at)).where(
+                    batches.c.state != BatchState.COLLECTED.value, batches.c.account.in_(sorted(self.adapters))
+                )
             )
             paused_until = await conn.scalar(sa.select(sa.func.min(pauses.c.until)).where(pauses.c.until > now))
         candidates: list[datetime] = [t for t in (earliest, paused_until) if t is not None]

@@ -8,14 +8,21 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
+
+import sqlalchemy as sa
 
 from batcher.config import Settings
 from batcher.db import migrate, queries
 from batcher.db.engine import Database
-from batcher.domain import JOB_TERMINAL, JobSpec, JobState, Provider
-from batcher.errors import NotFound
+from batcher.db.tables import jobs
+from batcher.domain import JOB_TERMINAL, BatchState, JobSpec, JobState, Provider
+from batcher.errors import InvalidInput, NotFound
+from batcher.export import ExportReport, ExportState, export_run
 from batcher.intake import Defaults, IntakeResult, enqueue_specs, submit_file
+from batcher.lifecycle import CancelReport, Pipeline
+from batcher.providers.registry import build_adapters, close_adapters
+from batcher.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +146,68 @@ class Batcher:
     async def status(self, *, run: str | None = None) -> queries.StatusReport:
         async with self.db.engine.connect() as conn:
             return await queries.status(conn, run=run)
+
+    async def batches(
+        self,
+        *,
+        run: str | None = None,
+        provider: Provider | str | None = None,
+        state: BatchState | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+    ) -> list[queries.BatchInfo]:
+        """Provider batches, newest first, with their request counts and cost so far."""
+        async with self.db.engine.connect() as conn:
+            return await queries.list_batches(
+                conn,
+                run=run,
+                provider=None if provider is None else Provider(provider).value,
+                state=state,
+                since=since,
+                limit=limit,
+            )
+
+    async def batch(self, ref: str) -> queries.BatchDetail:
+        """Everything about one batch, named by our id or the provider's batch id.
+
+        Raises:
+            NotFound: no batch has that id.
+            InvalidInput: the provider id names batches of several accounts (use our id).
+        """
+        async with self.db.engine.connect() as conn:
+            ids = await queries.resolve_batch_ids(conn, ref)
+            if len(ids) > 1:
+                raise InvalidInput(f"{ref} names {len(ids)} batches ({', '.join(ids)}); give one of these ids")
+            detail = None if not ids else await queries.batch_detail(conn, ids[0])
+        if detail is None:
+            raise NotFound(f"no batch {ref}")
+        return detail
+
+    async def cancel_run(self, run: str) -> CancelReport:
+        """Cancel a run: its queued jobs at once, and the provider batches that hold only its jobs.
+
+        Batches shared with other runs keep running. Jobs of cancelled batches settle (``cancelled``, or
+        ``succeeded`` where the provider finished them first) when a worker next collects.
+
+        Raises:
+            NotFound: the run has no jobs.
+        """
+        async with self.db.engine.connect() as conn:
+            if await conn.scalar(sa.select(jobs.c.id).where(jobs.c.run == run).limit(1)) is None:
+                raise NotFound(f"no run {run!r} (no jobs in it)")
+        adapters = build_adapters(self.settings)
+        try:
+            return await Pipeline(self.db, self.settings, adapters).cancel_run(run, utcnow())
+        finally:
+            await close_adapters(adapters)
+
+    async def export(self, run: str, out: BinaryIO, *, state: ExportState | str = ExportState.ALL) -> ExportReport:
+        """Write the run's settled jobs to ``out`` in the provider's batch output format, under the user's custom_ids.
+
+        Raises:
+            NotFound: the run has no jobs.
+        """
+        return await export_run(self.db, run, out, state=ExportState(state))
 
 
 def _spec(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -47,6 +48,8 @@ class Result:
             ``baseline / ours`` for times and sizes).
         target: the ratio the goal asks for.
         passed: ``ratio >= target``.
+        limit: for a goal stated as an absolute bound (``ours <= limit``, see :meth:`within`), the bound in
+            ``unit``; ``target`` is then ``baseline / limit``, so ``ratio >= target`` is the same test.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Result:
     ratio: float
     target: float
     passed: bool
+    limit: float | None = None
 
     @classmethod
     def compare(
@@ -66,23 +70,42 @@ class Result:
         ratio = better / worse if worse else 0.0
         return cls(name, ours, baseline, unit, ratio, target, ratio >= target)
 
+    @classmethod
+    def within(cls, name: str, ours: float, baseline: float, unit: str, limit: float) -> Result:
+        """A result whose goal is an absolute bound, ``ours <= limit`` (a time, a size), lower being better.
+
+        The ratio is ``baseline / ours`` as for any lower-is-better number and the target ``baseline / limit``,
+        so the pass test is the framework's usual ``ratio >= target`` and means exactly ``ours <= limit``.
+        """
+        ratio = baseline / ours if ours else 0.0
+        target = baseline / limit if limit else 0.0
+        return cls(name, ours, baseline, unit, ratio, target, ours <= limit, limit)
+
+    def target_text(self) -> str:
+        if self.limit is not None:
+            return f"ours <= {fmt(self.limit)} {self.unit}"
+        return f">= {self.target:g}"
+
     def line(self) -> str:
         verdict = "PASS" if self.passed else "MISS"
         return (
             f"{self.name}: ours {fmt(self.ours)} {self.unit}, baseline {fmt(self.baseline)} {self.unit}, "
-            f"ratio {self.ratio:.2f} (target >= {self.target:g}) {verdict}"
+            f"ratio {self.ratio:.2f} (target {self.target_text()}) {verdict}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "ours": round(self.ours, 4),
             "baseline": round(self.baseline, 4),
             "unit": self.unit,
             "ratio": round(self.ratio, 4),
-            "target": self.target,
+            "target": round(self.target, 4),
             "pass": self.passed,
         }
+        if self.limit is not None:
+            out["limit"] = self.limit
+        return out
 
 
 @dataclass(frozen=True)
@@ -168,6 +191,45 @@ def run_peak_rss(
     return proc.returncode, usage.ru_maxrss / 1024, elapsed  # Linux reports kilobytes
 
 
+#: the line a child started by :func:`run_child_peak_rss` prints last (see :func:`print_peak_rss`)
+PEAK_RSS_PREFIX = "bench-peak-rss-mb="
+
+
+def peak_rss_mb() -> float:
+    """This process's own RSS high-water mark in MB (``VmHWM``), which an ``exec`` starts afresh.
+
+    Unlike ``ru_maxrss`` it does not carry over from the parent: Linux keeps ``ru_maxrss`` across ``execve``,
+    and Python's ``subprocess`` starts children with ``vfork``, so a child's ``ru_maxrss`` (and hence
+    :func:`run_peak_rss` and ``RUSAGE_CHILDREN``) is at least the RSS of the process that started it.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")  # pragma: no cover - Linux only
+
+
+def print_peak_rss() -> None:
+    """What a child run by :func:`run_child_peak_rss` calls last: its peak RSS on stdout."""
+    print(f"{PEAK_RSS_PREFIX}{peak_rss_mb():.3f}", flush=True)
+
+
+def run_child_peak_rss(
+    cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[float, float]:
+    """Run ``cmd`` (a child that ends with :func:`print_peak_rss`); returns ``(its peak RSS in MB, wall seconds)``.
+
+    Raises:
+        RuntimeError: the child failed or did not report its peak.
+    """
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    reported = [line for line in proc.stdout.splitlines() if line.startswith(PEAK_RSS_PREFIX)]
+    if proc.returncode != 0 or not reported:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} without reporting its peak RSS")
+    return float(reported[-1][len(PEAK_RSS_PREFIX) :]), elapsed
+
+
 # -- databases ------------------------------------------------------------------------------------------------------
 
 
@@ -186,8 +248,13 @@ def asyncpg_dsn(url: str) -> str:
 
 
 @asynccontextmanager
-async def fresh_postgres_database() -> AsyncIterator[str]:
-    """A new, empty PostgreSQL database on the benchmark server (its SQLAlchemy URL); dropped on exit."""
+async def fresh_postgres_database(template: str | None = None) -> AsyncIterator[str]:
+    """A new PostgreSQL database on the benchmark server (its SQLAlchemy URL); dropped on exit.
+
+    Args:
+        template: the URL of a database (on the same server, with no open connections) to copy; by default
+            the new database is empty. Copying a prepared database is much cheaper than preparing it again.
+    """
     global _POSTGRES_VERSION
     import asyncpg  # type: ignore[import-untyped]
 
@@ -200,7 +267,19 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
     try:
         if _POSTGRES_VERSION is None:
             _POSTGRES_VERSION = str(await conn.fetchval("SHOW server_version"))
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        if template is None:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        else:
+            source = urlsplit(asyncpg_dsn(template)).path.lstrip("/")
+            for attempt in range(40):
+                try:
+                    await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+                    break
+                except asyncpg.ObjectInUseError:
+                    # an autovacuum worker may be visiting the template for a moment
+                    if attempt == 39:
+                        raise
+                    await asyncio.sleep(0.25)
     finally:
         await conn.close()
     try:
@@ -212,6 +291,39 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
+
+
+#: the pragmas batcher's engine sets on every SQLite connection (``batcher.db.engine``)
+SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=30000")
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite+aiosqlite:////tmp/x.db`` → ``/tmp/x.db``."""
+    return Path(url.split(":///", 1)[1])
+
+
+def raw_sqlite(path: Path) -> sqlite3.Connection:
+    """A stdlib ``sqlite3`` connection in autocommit mode with batcher's pragmas (for raw baselines)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for pragma in SQLITE_PRAGMAS:
+        conn.execute(f"PRAGMA {pragma}")
+    return conn
+
+
+def copy_sqlite(source: Path, dest: Path) -> None:
+    """Copy a SQLite database file (its WAL checkpointed into it first); no connection may be open on it."""
+    conn = sqlite3.connect(source)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    shutil.copyfile(source, dest)
+
+
+def remove_sqlite(path: Path) -> None:
+    """Delete a SQLite database file and its ``-wal``/``-shm`` companions."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 async def migrated(url: str) -> None:
@@ -294,7 +406,7 @@ def write_results(results: Sequence[Result], quick: bool) -> None:
     ]
     for r in results:
         lines.append(
-            f"| {r.name} | {fmt(r.ours)} | {fmt(r.baseline)} | {r.unit} | {r.ratio:.2f} | >= {r.target:g} | "
+            f"| {r.name} | {fmt(r.ours)} | {fmt(r.baseline)} | {r.unit} | {r.ratio:.2f} | {r.target_text()} | "
             f"{'PASS' if r.passed else 'MISS'} |"
         )
     if _INFOS:

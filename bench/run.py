@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable from
 from bench.common import Result, write_results
 
 #: benchmark modules, ``bench/<name>.py``, in the order they run
-BENCHES: list[str] = ["intake"]
+BENCHES: list[str] = ["intake", "pack", "collect", "e2e", "savings"]
 
 
 def main(argv: list[str] | None = None) -> int:

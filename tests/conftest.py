@@ -86,15 +86,46 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield url
 
 
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    """A migrated database, once per engine."""
-    database = Database(db_url)
+@asynccontextmanager
+async def migrated(url: str) -> AsyncIterator[Database]:
+    database = Database(url)
     await migrate.upgrade(database.engine)
     try:
         yield database
     finally:
         await database.aclose()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """A migrated database, once per engine."""
+    async with migrated(db_url) as database:
+        yield database
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """For tests of what only PostgreSQL does (row locks between workers): a fresh database URL."""
+    async with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+async def pg_db(pg_url: str) -> AsyncIterator[Database]:
+    async with migrated(pg_url) as database:
+        yield database
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """For tests of what only SQLite does: a fresh database file."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'batcher.db'}"
+
+
+@pytest.fixture
+async def sqlite_db(sqlite_url: str) -> AsyncIterator[Database]:
+    async with migrated(sqlite_url) as database:
+        yield database
 
 
 @pytest.fixture

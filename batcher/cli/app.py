@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from batcher.config import Settings
-from batcher.errors import BatcherError, InvalidFile
+from batcher.errors import BatcherError
 
 app = typer.Typer(
     name="batcher",
@@ -47,9 +47,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine for a command, turning batcher's errors into a message and exit code 1."""
     try:
         return asyncio.run(coro)
-    except InvalidFile as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, markup=False)
-        raise typer.Exit(1) from None
     except BatcherError as exc:
         err_console.print(f"error: {exc}", style="red", highlight=False, markup=False)
         raise typer.Exit(1) from None

@@ -1,18 +1,45 @@
-"""``batcher submit``, ``batcher status``, ``batcher jobs``."""
+"""``batcher submit``, ``batcher status`` (and ``--watch``), ``batcher jobs``."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from batcher.cli.app import app, console, err_console, load_settings, print_json, run
-from batcher.domain import JobState, Provider
+from batcher.config import Settings
+from batcher.db.queries import StatusReport
+from batcher.domain import JOB_TERMINAL, JobState, Provider
 from batcher.intake import IntakeResult
 from batcher.service import Batcher
 from batcher.timeutil import parse_duration, utcnow
+
+
+def when(value: str | None) -> str:
+    """An ISO timestamp as ``YYYY-MM-DD HH:MM:SS`` (UTC), or empty."""
+    return "" if value is None else value[:19].replace("T", " ")
+
+
+def span(seconds: float | None) -> str:
+    """``3725.0`` → ``1h 2m``; empty for ``None``."""
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def parse_tags(values: list[str] | None) -> dict[str, str]:
@@ -28,7 +55,7 @@ def parse_tags(values: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def submit(
-    file: Path = typer.Argument(..., help="A batch input file in the provider's own JSONL format."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A batch input file in the provider's own JSONL format."),
     provider: Provider = typer.Option(..., "--provider", "-p", help="Which format FILE is in."),
     run_name: str = typer.Option("default", "--run", help="The run (named group) the jobs join."),
     tag: list[str] | None = typer.Option(None, "--tag", help="KEY=VALUE tag on every job; repeatable."),
@@ -99,9 +126,16 @@ def submit(
 def status(
     run_name: str | None = typer.Option(None, "--run", help="Only this run."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    watch: bool = typer.Option(
+        False, "--watch", "-w", help="Show each run's progress live until every run has settled (Ctrl-C stops)."
+    ),
+    interval: float = typer.Option(1.0, "--interval", min=0.05, max=3600, help="Seconds between refreshes (--watch)."),
 ) -> None:
-    """Job counts by state, overall and per run, and batches by state."""
+    """Job counts by state, overall and per run (with batches in flight), and batches by state."""
     settings = load_settings()
+    if watch:
+        _watch(settings, run_name, interval, json_out=json_out)
+        return
 
     async def _go() -> dict[str, object]:
         async with Batcher(settings) as batcher:
@@ -111,37 +145,118 @@ def status(
     if json_out:
         print_json(report)
         return
-    states = [s.value for s in JobState]
-    table = Table(title="jobs by run")
-    table.add_column("run")
-    for s in states:
-        table.add_column(s, justify="right")
-    table.add_column("batches in flight", justify="right")
-    table.add_column("oldest queued")
-    runs = report["runs"]
-    assert isinstance(runs, list)
-    for r in runs:
-        table.add_row(
-            r["run"],
-            *(str(r["jobs"].get(s, 0)) for s in states),
-            str(r["batches_in_flight"]),
-            r["oldest_queued_at"] or "",
-        )
-    totals = report["totals"]
-    assert isinstance(totals, dict)
-    table.add_row("[bold]total[/]", *(f"[bold]{totals.get(s, 0)}[/]" for s in states), "", "")
-    console.print(table)
+    console.print(_status_table(report))
     batches = report["batches"]
     assert isinstance(batches, dict)
     busy = {k: v for k, v in batches.items() if v}
     console.print("batches: " + (", ".join(f"{k} {v}" for k, v in busy.items()) or "none"))
 
 
+def _status_table(report: dict[str, Any]) -> Table:
+    states = [s.value for s in JobState]
+    table = Table(title="jobs by run")
+    table.add_column("run")
+    for s in states:
+        table.add_column(s, justify="right")
+    table.add_column("batches in flight", justify="right")
+    table.add_column("oldest queued", justify="right")
+    now = utcnow()
+    for r in report["runs"]:
+        table.add_row(
+            r["run"],
+            *(str(r["jobs"].get(s, 0)) for s in states),
+            str(r["batches_in_flight"]),
+            _ago(r["oldest_queued_at"], now),
+        )
+    totals = report["totals"]
+    table.add_row("[bold]total[/]", *(f"[bold]{totals.get(s, 0)}[/]" for s in states), "", "")
+    return table
+
+
+def _ago(iso: str | None, now: datetime) -> str:
+    return "" if iso is None else span((now - datetime.fromisoformat(iso)).total_seconds())
+
+
+#: job states that mean a run is still going
+_ACTIVE = [s.value for s in JobState if s not in JOB_TERMINAL]
+
+
+def active(report: StatusReport) -> bool:
+    """Whether any job of the report is not settled yet (queued, packed, submitted or in fallback)."""
+    return any(report.totals.get(s, 0) for s in _ACTIVE)
+
+
+def watch_view(report: StatusReport, now: datetime) -> Table:
+    """Each run's progress (settled / total), its batches in flight and the age of its oldest queued job."""
+    table = Table(title=f"batcher status — {now:%H:%M:%S} UTC")
+    table.add_column("run")
+    table.add_column("progress")
+    table.add_column("settled", justify="right")
+    table.add_column("succeeded", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("cancelled", justify="right")
+    table.add_column("queued", justify="right")
+    table.add_column("batches in flight", justify="right")
+    table.add_column("oldest queued", justify="right")
+    for r in report.runs:
+        oldest = "" if r.oldest_queued_at is None else span((now - r.oldest_queued_at).total_seconds())
+        table.add_row(
+            r.run,
+            ProgressBar(total=max(r.total, 1), completed=r.settled, width=30),
+            f"{r.settled}/{r.total}",
+            str(r.jobs.get(JobState.SUCCEEDED.value, 0)),
+            str(r.jobs.get(JobState.FAILED.value, 0)),
+            str(r.jobs.get(JobState.CANCELLED.value, 0)),
+            str(r.jobs.get(JobState.QUEUED.value, 0)),
+            str(r.batches_in_flight),
+            oldest,
+        )
+    if not report.runs:
+        table.caption = "no jobs"
+    return table
+
+
+def _watch(settings: Settings, run_name: str | None, interval: float, *, json_out: bool) -> None:
+    """Refresh until no job is active or Ctrl-C. A terminal gets a live view; anything else the final table."""
+    live = console.is_terminal and not json_out
+
+    async def _go() -> StatusReport | None:
+        last: StatusReport | None = None
+        async with Batcher(settings) as batcher:
+            with Live(console=console, auto_refresh=False) if live else contextlib.nullcontext() as view:
+                try:
+                    while True:
+                        last = await batcher.status(run=run_name)
+                        if isinstance(view, Live):
+                            view.update(watch_view(last, utcnow()), refresh=True)
+                        if not active(last):
+                            return last
+                        await asyncio.sleep(interval)
+                finally:
+                    # interrupted: still show where things were
+                    if not live and not json_out and last is not None and active(last):
+                        console.print(watch_view(last, utcnow()))
+        return last
+
+    try:
+        final = run(_go())
+    except typer.Exit as exc:
+        if exc.exit_code == 130:  # Ctrl-C: the user stopped watching, nothing failed
+            return
+        raise
+    if final is None:
+        return
+    if json_out:
+        print_json(final.to_json())
+    elif not live:
+        console.print(watch_view(final, utcnow()))
+
+
 @app.command()
 def jobs(
     run_name: str | None = typer.Option(None, "--run", help="Only this run."),
     state: JobState | None = typer.Option(None, "--state", help="Only jobs in this state."),
-    batch: str | None = typer.Option(None, "--batch", help="Only jobs of this batch."),
+    batch: str | None = typer.Option(None, "--batch", help="Only jobs of this batch (our id or the provider's)."),
     limit: int = typer.Option(50, "--limit", min=1, max=100_000, help="At most this many (newest first)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON (a list of objects)."),
 ) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from batcher.db.tables import batches, jobs
+from batcher.db.tables import batches, jobs, ledger
 from batcher.domain import BatchState, JobState
 
 
@@ -105,14 +106,16 @@ async def list_jobs(
     batch_id: str | None = None,
     limit: int = 50,
 ) -> list[JobInfo]:
-    """Jobs, newest first (ids are time-ordered)."""
+    """Jobs, newest first (ids are time-ordered). ``batch_id`` is our batch id or the provider's."""
     query = sa.select(*_JOB_COLUMNS).order_by(jobs.c.id.desc()).limit(limit)
     if run is not None:
         query = query.where(jobs.c.run == run)
     if state is not None:
         query = query.where(jobs.c.state == state.value)
     if batch_id is not None:
-        query = query.where(jobs.c.batch_id == batch_id)
+        # our batch id or the provider's
+        named = sa.select(batches.c.id).where(sa.or_(batches.c.id == batch_id, batches.c.provider_batch_id == batch_id))
+        query = query.where(jobs.c.batch_id.in_(named))
     return [JobInfo(**row) for row in (await conn.execute(query)).mappings()]
 
 
@@ -193,3 +196,245 @@ async def usage_totals(conn: AsyncConnection, *, run: str | None = None) -> dict
         totals["input_tokens"] += int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0)
         totals["output_tokens"] += int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
     return totals
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One provider batch as the outside sees it, with what its requests cost so far.
+
+    ``actual_usd`` / ``realtime_usd`` are sums over the batch's ledger entries: ``None`` until one is priced.
+    """
+
+    id: str
+    provider: str
+    account: str
+    provider_batch_id: str | None
+    model: str
+    endpoint: str
+    state: str
+    provider_state: str | None
+    request_count: int
+    succeeded: int
+    failed: int
+    expired: int
+    cancelled: int
+    created_at: datetime
+    submitted_at: datetime | None
+    ended_at: datetime | None
+    collected_at: datetime | None
+    actual_usd: Decimal | None
+    realtime_usd: Decimal | None
+
+    def age_s(self, now: datetime) -> float | None:
+        """Seconds since the batch was made, while the provider has not ended it (``None`` once ended)."""
+        return None if self.ended_at is not None else round((now - self.created_at).total_seconds(), 3)
+
+    @property
+    def turnaround_s(self) -> float | None:
+        """Seconds from submission (or creation, if never submitted) to the provider's end; ``None`` until then."""
+        if self.ended_at is None:
+            return None
+        return round((self.ended_at - (self.submitted_at or self.created_at)).total_seconds(), 3)
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "account": self.account,
+            "provider_batch_id": self.provider_batch_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "state": self.state,
+            "provider_state": self.provider_state,
+            "requests": {
+                "total": self.request_count,
+                "succeeded": self.succeeded,
+                "failed": self.failed,
+                "expired": self.expired,
+                "cancelled": self.cancelled,
+            },
+            "created_at": _iso(self.created_at),
+            "submitted_at": _iso(self.submitted_at),
+            "ended_at": _iso(self.ended_at),
+            "collected_at": _iso(self.collected_at),
+            "age_s": self.age_s(now),
+            "turnaround_s": self.turnaround_s,
+            "actual_usd": _money(self.actual_usd),
+            "realtime_usd": _money(self.realtime_usd),
+        }
+
+
+@dataclass(frozen=True)
+class BatchDetail:
+    """Everything about one batch: its :class:`BatchInfo`, the provider's errors, polling, lease, files, jobs."""
+
+    info: BatchInfo
+    errors: list[Any] | None
+    bytes: int
+    submit_attempts: int
+    last_polled_at: datetime | None
+    next_poll_at: datetime | None
+    poll_interval_s: float
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    updated_at: datetime
+    #: jobs whose current batch this is, by state (a requeued job moves on to its next batch)
+    jobs: dict[str, int]
+    #: up to ``FAILED_SAMPLE`` of its failed jobs
+    failed_jobs: list[dict[str, Any]]
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        return self.info.to_json(now) | {
+            "errors": self.errors,
+            "bytes": self.bytes,
+            "submit_attempts": self.submit_attempts,
+            "last_polled_at": _iso(self.last_polled_at),
+            "next_poll_at": _iso(self.next_poll_at),
+            "poll_interval_s": self.poll_interval_s,
+            "lease_owner": self.lease_owner,
+            "lease_expires_at": _iso(self.lease_expires_at),
+            "input_file_id": self.input_file_id,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "updated_at": _iso(self.updated_at),
+            "jobs": self.jobs,
+            "failed_jobs": self.failed_jobs,
+        }
+
+
+def _money(value: Decimal | None) -> str | None:
+    """Money in JSON is a string: exact, never a float."""
+    return None if value is None else str(value)
+
+
+#: how many failed jobs ``batch_detail`` shows
+FAILED_SAMPLE = 10
+
+_BATCH_COLUMNS = [
+    batches.c.id,
+    batches.c.provider,
+    batches.c.account,
+    batches.c.provider_batch_id,
+    batches.c.model,
+    batches.c.endpoint,
+    batches.c.state,
+    batches.c.provider_state,
+    batches.c.request_count,
+    batches.c.succeeded,
+    batches.c.failed,
+    batches.c.expired,
+    batches.c.cancelled,
+    batches.c.created_at,
+    batches.c.submitted_at,
+    batches.c.ended_at,
+    batches.c.collected_at,
+]
+
+
+def _batches_with_cost() -> sa.Select[Any]:
+    cost = (
+        sa.select(
+            ledger.c.batch_id,
+            sa.func.sum(ledger.c.actual_usd).label("actual_usd"),
+            sa.func.sum(ledger.c.realtime_usd).label("realtime_usd"),
+        )
+        .where(ledger.c.batch_id.is_not(None))
+        .group_by(ledger.c.batch_id)
+        .subquery("cost")
+    )
+    return sa.select(*_BATCH_COLUMNS, cost.c.actual_usd, cost.c.realtime_usd).select_from(
+        batches.outerjoin(cost, cost.c.batch_id == batches.c.id)
+    )
+
+
+async def list_batches(
+    conn: AsyncConnection,
+    *,
+    run: str | None = None,
+    provider: str | None = None,
+    state: BatchState | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[BatchInfo]:
+    """Batches, newest first.
+
+    Args:
+        run: only batches that hold jobs of this run. A job names only its latest batch, so a batch whose jobs
+            were all requeued into later batches is found through the ledger once its results are priced.
+        provider: only this provider's batches.
+        state: only batches in this state.
+        since: only batches created at or after this time.
+        limit: at most this many.
+    """
+    query = _batches_with_cost().order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
+    if run is not None:
+        held = sa.union(
+            sa.select(jobs.c.batch_id).where(jobs.c.run == run, jobs.c.batch_id.is_not(None)),
+            sa.select(ledger.c.batch_id).where(ledger.c.run == run, ledger.c.batch_id.is_not(None)),
+        )
+        query = query.where(batches.c.id.in_(held))
+    if provider is not None:
+        query = query.where(batches.c.provider == provider)
+    if state is not None:
+        query = query.where(batches.c.state == state.value)
+    if since is not None:
+        query = query.where(batches.c.created_at >= since)
+    return [BatchInfo(**row) for row in (await conn.execute(query)).mappings()]
+
+
+async def resolve_batch_ids(conn: AsyncConnection, ref: str) -> list[str]:
+    """Our ids of the batches ``ref`` names: our own id, or the provider's batch id (one per account)."""
+    query = sa.select(batches.c.id).where(sa.or_(batches.c.id == ref, batches.c.provider_batch_id == ref))
+    return sorted(r[0] for r in await conn.execute(query))
+
+
+async def batch_detail(conn: AsyncConnection, batch_id: str) -> BatchDetail | None:
+    """Everything about one batch (by our id), or ``None``."""
+    row = (await conn.execute(_batches_with_cost().where(batches.c.id == batch_id))).mappings().first()
+    if row is None:
+        return None
+    extra = (
+        (
+            await conn.execute(
+                sa.select(
+                    batches.c.errors,
+                    batches.c.bytes,
+                    batches.c.submit_attempts,
+                    batches.c.last_polled_at,
+                    batches.c.next_poll_at,
+                    batches.c.poll_interval_s,
+                    batches.c.lease_owner,
+                    batches.c.lease_expires_at,
+                    batches.c.input_file_id,
+                    batches.c.output_file_id,
+                    batches.c.error_file_id,
+                    batches.c.updated_at,
+                ).where(batches.c.id == batch_id)
+            )
+        )
+        .mappings()
+        .one()
+    )
+    counts = {s.value: 0 for s in JobState}
+    for state, count in await conn.execute(
+        sa.select(jobs.c.state, sa.func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.state)
+    ):
+        counts[state] = count
+    failed = [
+        dict(r)
+        for r in (
+            await conn.execute(
+                sa.select(jobs.c.id, jobs.c.run, jobs.c.custom_id, jobs.c.error_code, jobs.c.error)
+                .where(jobs.c.batch_id == batch_id, jobs.c.state == JobState.FAILED.value)
+                .order_by(jobs.c.id)
+                .limit(FAILED_SAMPLE)
+            )
+        ).mappings()
+    ]
+    return BatchDetail(info=BatchInfo(**row), **extra, jobs=counts, failed_jobs=failed)

@@ -25,8 +25,38 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-#: dollars with ten decimal places: a token costs fractions of a micro-dollar
-Money = sa.Numeric(20, 10, asdecimal=True)
+
+class Money(TypeDecorator[Decimal]):
+    """Dollars, exact to the picodollar (1e-12).
+
+    PostgreSQL keeps ``NUMERIC(24, 12)``. SQLite has no exact decimal type (its NUMERIC is a float), so
+    there the column holds integer picodollars: sums stay exact up to about $9.2 million per sum.
+    """
+
+    impl = sa.Numeric(24, 12)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.BigInteger())
+        return dialect.type_descriptor(sa.Numeric(24, 12, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return int(value.scaleb(12).to_integral_value())
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return Decimal(int(value)).scaleb(-12).quantize(_PICO)
+        return Decimal(value).quantize(_PICO)
+
+
+_PICO = Decimal("1e-12")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -52,7 +82,7 @@ def _in(column: str, values: list[str]) -> str:
 
 class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: sa.JSON(), Decimal: Money}
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: sa.JSON(), Decimal: Money()}
 
 
 class Batch(Base):
@@ -175,8 +205,8 @@ class LedgerEntry(Base):
     cache_creation_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
-    actual_usd: Mapped[Decimal | None] = mapped_column(Money)
-    realtime_usd: Mapped[Decimal | None] = mapped_column(Money)
+    actual_usd: Mapped[Decimal | None] = mapped_column(Money())
+    realtime_usd: Mapped[Decimal | None] = mapped_column(Money())
     batch_price_derived: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     price_source: Mapped[str | None] = mapped_column(sa.String(64))
     price_version: Mapped[str | None] = mapped_column(sa.String(64))

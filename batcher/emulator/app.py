@@ -3,6 +3,10 @@
 ``create_app`` gives an :class:`aiohttp.web.Application` (for ``aiohttp.test_utils.TestServer`` or
 any runner); ``serve_emulator`` runs it in-process on a free port and yields the ``/v1`` base URL;
 ``run_emulator`` serves until cancelled (for the CLI).
+
+One app serves both APIs: OpenAI's Files and Batches (:mod:`batcher.emulator.openai_api`) and Anthropic's
+Messages and Message Batches under ``/v1/messages`` (:mod:`batcher.emulator.anthropic_api`). The Anthropic SDK
+takes the server root as its ``base_url``: the URL ``serve_emulator`` yields, without ``/v1``.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import asyncio
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
 
+from batcher.emulator.anthropic_api import add_anthropic_routes, anthropic_middleware, is_anthropic_path
 from batcher.emulator.openai_api import STATE_KEY, add_routes, openai_middleware
 from batcher.emulator.settings import EmulatorSettings
 from batcher.emulator.state import EmulatorState
@@ -24,6 +29,16 @@ from batcher.emulator.state import EmulatorState
 logger = logging.getLogger(__name__)
 
 __all__ = ["create_app", "run_emulator", "serve_emulator"]
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _provider_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Each API's own authentication, fault injection and error format, chosen by path."""
+    if is_anthropic_path(request.path):
+        return await anthropic_middleware(request, handler)
+    return await openai_middleware(request, handler)
 
 
 def create_app(settings: EmulatorSettings) -> web.Application:
@@ -40,9 +55,10 @@ def create_app(settings: EmulatorSettings) -> web.Application:
     """
     owns_dir = settings.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="batcher-emulator-")) if owns_dir else Path(str(settings.data_dir))
-    app = web.Application(middlewares=[openai_middleware])
+    app = web.Application(middlewares=[_provider_middleware])
     app[STATE_KEY] = EmulatorState(settings, data_dir)
     add_routes(app)
+    add_anthropic_routes(app)
 
     if owns_dir:
 
@@ -93,5 +109,5 @@ async def run_emulator(host: str, port: int, settings: EmulatorSettings) -> None
         settings: Behaviour and fault knobs.
     """
     async with serve_emulator(settings, host, port) as url:
-        logger.info("OpenAI batch emulator listening on %s", url)
+        logger.info("batch emulator listening on %s (Anthropic SDK base_url: %s)", url, url.removesuffix("/v1"))
         await asyncio.Event().wait()

@@ -19,7 +19,12 @@ __all__ = ["EmulatorSettings"]
 
 
 class EmulatorSettings(BaseSettings):
-    """Behaviour and fault knobs of the emulated OpenAI Files + Batches API.
+    """Behaviour and fault knobs of the emulated OpenAI Files + Batches and Anthropic Message Batches APIs.
+
+    The knobs below apply to both APIs unless they name one (``token_limit`` is OpenAI's only). On the
+    Anthropic side a batch is ``in_progress`` for ``latency_s`` and then ``ended``, failures are ``errored``
+    results, injected HTTP errors are 429, 529 or 500 in Anthropic's format, and an expiring batch ends with
+    part of its requests ``expired``.
 
     Attributes:
         latency_s: Seconds from batch creation to ``completed``. Validation takes the first 20%,
@@ -37,6 +42,8 @@ class EmulatorSettings(BaseSettings):
         seed: Seed of every random decision; the same seed and the same calls give the same run.
         max_requests: Most request lines in one batch input file.
         max_bytes: Largest batch input file in bytes.
+        anthropic_max_requests: Most requests in one Message Batch (Anthropic's limit: 100,000).
+        anthropic_max_bytes: Largest Message Batches create body in bytes (Anthropic's limit: 256 MB).
         data_dir: Directory where uploaded and generated files are kept. ``None`` means a fresh
             temporary directory that is removed when the app shuts down.
     """
@@ -51,4 +58,6 @@ class EmulatorSettings(BaseSettings):
     seed: int = 0
     max_requests: int = Field(default=50_000, gt=0)
     max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    anthropic_max_requests: int = Field(default=100_000, gt=0)
+    anthropic_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     data_dir: Path | None = None

@@ -13,6 +13,7 @@ import logging
 import random
 import shutil
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +57,8 @@ class EmulatorState:
         self._files_dir = data_dir / "files"
         self._files_dir.mkdir(parents=True, exist_ok=True)
         self._lock = asyncio.Lock()
+        #: called by :meth:`reset` after the registry is emptied (other APIs on the same app forget theirs)
+        self.reset_hooks: list[Callable[[], Awaitable[None]]] = []
         self._init_registry()
 
     def _init_registry(self) -> None:
@@ -420,7 +423,9 @@ class EmulatorState:
             await asyncio.to_thread(shutil.rmtree, self._files_dir, True)
             self._files_dir.mkdir(parents=True, exist_ok=True)
             self._init_registry()
-            logger.info("emulator state reset")
+        for hook in self.reset_hooks:
+            await hook()
+        logger.info("emulator state reset")
 
 
 _Record = TypeVar("_Record", FileRecord, BatchRecord)

@@ -316,6 +316,8 @@ class OpenAIAdapter(ProviderAdapter):
         timeout_s: the SDK's per-request timeout in seconds.
         http_client: the ``httpx2.AsyncClient`` to use instead of ``DefaultAioHttpClient()`` (tests pass one
             with an ``httpx2.MockTransport``); the adapter closes it in :meth:`aclose`.
+        completion_window: asked for at create; OpenAI takes only ``24h``, Groq up to ``7d``.
+        line_format: ``openai`` (``custom_id, method, url, body``) or ``mistral`` (``custom_id, body``).
 
     Attributes:
         malformed_lines: result lines skipped because they could not be read (see :func:`parse_result_line`).
@@ -333,8 +335,13 @@ class OpenAIAdapter(ProviderAdapter):
         max_retries: int = 2,
         timeout_s: float = 60,
         http_client: httpx2.AsyncClient | None = None,
+        completion_window: str = "24h",
+        line_format: str = "openai",
     ) -> None:
         super().__init__(account, limits or OPENAI_LIMITS)
+        self.completion_window = completion_window
+        # OpenAI-compatible hosts that take ``{custom_id, body}`` lines (Mistral, Together) drop method/url
+        self._with_method_url = line_format == "openai"
         self._http_client = http_client
         self._api_key = api_key
         self._base_url = base_url
@@ -373,6 +380,10 @@ class OpenAIAdapter(ProviderAdapter):
 
     def encode_line(self, custom_id: str, endpoint: str, body_json: str) -> bytes:
         """``{"custom_id", "method": "POST", "url", "body"}`` and a newline; ``body_json`` is spliced as-is."""
+        if not self._with_method_url:
+            return orjson.dumps(
+                {"custom_id": custom_id, "body": orjson.Fragment(body_json)}, option=orjson.OPT_APPEND_NEWLINE
+            )
         return orjson.dumps(
             {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": orjson.Fragment(body_json)},
             option=orjson.OPT_APPEND_NEWLINE,
@@ -409,7 +420,7 @@ class OpenAIAdapter(ProviderAdapter):
             batch = await self._client().batches.create(
                 input_file_id=input_file_id,
                 endpoint=cast(Any, endpoint),
-                completion_window="24h",
+                completion_window=self.completion_window,  # type: ignore[arg-type]  # compatible hosts take more
                 metadata={METADATA_KEY: batch_id},
             )
         except _FOREIGN_ERRORS as exc:

@@ -1,23 +1,96 @@
-"""Build the configured provider accounts from settings."""
+"""Build the configured provider accounts from settings.
+
+Two accounts always exist: ``openai`` (``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``) and ``anthropic``
+(``ANTHROPIC_API_KEY`` / ``ANTHROPIC_BASE_URL``). More come from ``BATCHER_PROVIDERS__<name>__…``: any
+OpenAI-compatible host (Azure OpenAI, Groq, Together, Mistral, vLLM) or a second key of either provider.
+"""
 
 from __future__ import annotations
 
-from batcher.config import Settings
-from batcher.providers.base import ProviderAdapter
+from dataclasses import replace
+from decimal import Decimal
+
+from genai_prices import data_snapshot
+
+from batcher.config import AccountSettings, Settings
+from batcher.domain import Provider
+from batcher.errors import ConfigError
+from batcher.providers.anthropic import AnthropicAdapter
+from batcher.providers.base import Limits, ProviderAdapter
+from batcher.providers.limits import DEFAULT_LIMITS
 from batcher.providers.openai import OpenAIAdapter
 
 
-def build_adapters(settings: Settings) -> dict[str, ProviderAdapter]:
-    """One adapter per configured account, by account name.
-
-    The ``openai`` account is always there: the SDK reads its key and base URL from the settings (the
-    SDK's own ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` variables).
-    """
-    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
-    adapters: dict[str, ProviderAdapter] = {
-        "openai": OpenAIAdapter("openai", api_key=key or "missing-key", base_url=settings.openai_base_url),
+def accounts(settings: Settings) -> dict[str, AccountSettings]:
+    """Every account by name, the two defaults included (a configured one of the same name wins)."""
+    found = {
+        "openai": AccountSettings(
+            kind=Provider.OPENAI, base_url=settings.openai_base_url, api_key=settings.openai_api_key
+        ),
+        "anthropic": AccountSettings(
+            kind=Provider.ANTHROPIC, base_url=settings.anthropic_base_url, api_key=settings.anthropic_api_key
+        ),
     }
-    return adapters
+    found.update(settings.providers)
+    return found
+
+
+def account_settings(settings: Settings, account: str) -> AccountSettings:
+    """One account's settings.
+
+    Raises:
+        ConfigError: no such account (the message lists the configured ones).
+    """
+    found = accounts(settings)
+    if account not in found:
+        raise ConfigError(f"no provider account {account!r}; configured: {', '.join(sorted(found))}")
+    return found[account]
+
+
+def account_limits(account: AccountSettings) -> Limits:
+    """The provider's published limits, narrowed by the account's own settings."""
+    limits = DEFAULT_LIMITS[account.kind]
+    if account.max_requests is not None:
+        limits = replace(limits, max_requests=account.max_requests)
+    if account.max_bytes is not None:
+        limits = replace(limits, max_bytes=account.max_bytes, max_line_bytes=account.max_bytes)
+    return limits
+
+
+def price_provider(name: str, account: AccountSettings) -> str:
+    """Whose price list an account's usage is priced from."""
+    if account.price_provider:
+        return account.price_provider
+    known = {p.id for p in data_snapshot.get_snapshot().providers}
+    return name if name in known else account.kind.value
+
+
+def discounts(settings: Settings) -> dict[str, Decimal]:
+    """Batch discounts by price provider: settings first, then each account's own."""
+    out = dict(settings.batch_discounts)
+    for name, account in accounts(settings).items():
+        if account.discount is not None:
+            out[price_provider(name, account)] = account.discount
+    return out
+
+
+def build_adapter(name: str, account: AccountSettings) -> ProviderAdapter:
+    key = account.api_key.get_secret_value() if account.api_key else None
+    if account.kind is Provider.ANTHROPIC:
+        return AnthropicAdapter(name, api_key=key, base_url=account.base_url, limits=account_limits(account))
+    return OpenAIAdapter(
+        name,
+        api_key=key,
+        base_url=account.base_url,
+        limits=account_limits(account),
+        completion_window=account.completion_window,
+        line_format=account.line_format,
+    )
+
+
+def build_adapters(settings: Settings) -> dict[str, ProviderAdapter]:
+    """One adapter per account, by account name. Clients are created lazily, on first use."""
+    return {name: build_adapter(name, account) for name, account in accounts(settings).items()}
 
 
 async def close_adapters(adapters: dict[str, ProviderAdapter]) -> None:

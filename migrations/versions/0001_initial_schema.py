@@ -136,8 +136,12 @@ def upgrade() -> None:
         sa.Column("cache_creation_tokens", sa.BigInteger(), nullable=False),
         sa.Column("output_tokens", sa.BigInteger(), nullable=False),
         sa.Column("reasoning_tokens", sa.BigInteger(), nullable=False),
-        sa.Column("actual_usd", sa.Numeric(precision=20, scale=10), nullable=True),
-        sa.Column("realtime_usd", sa.Numeric(precision=20, scale=10), nullable=True),
+        sa.Column(
+            "actual_usd", sa.Numeric(precision=24, scale=12).with_variant(sa.BigInteger(), "sqlite"), nullable=True
+        ),
+        sa.Column(
+            "realtime_usd", sa.Numeric(precision=24, scale=12).with_variant(sa.BigInteger(), "sqlite"), nullable=True
+        ),
         sa.Column("batch_price_derived", sa.Boolean(), nullable=False),
         sa.Column("price_source", sa.String(length=64), nullable=True),
         sa.Column("price_version", sa.String(length=64), nullable=True),

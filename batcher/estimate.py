@@ -1,0 +1,212 @@
+"""Estimate a batch file's cost before spending anything (``batcher submit --dry-run``).
+
+Input tokens of OpenAI requests are counted with OpenAI's own BPE vocabularies (``bpe-openai``, a
+tiktoken-compatible tokenizer that ships them; tiktoken itself downloads them at run time), plus the
+chat format's per-message overhead. Other providers' input is approximated as one token per four
+characters of text. Output is bounded by the request's ``max_tokens`` / ``max_completion_tokens`` /
+``max_output_tokens``; a request with no bound is counted at :data:`DEFAULT_OUTPUT_TOKENS`. Embeddings and
+moderations produce no output tokens. The estimate is therefore an upper bound on output and close on input.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batcher.domain import Provider
+from batcher.errors import InvalidFile, InvalidInput
+from batcher.intake import MAX_LISTED_ERRORS, parse_line
+from batcher.packer import split
+from batcher.pricing import PriceBook, TokenUsage
+from batcher.providers.base import Limits
+from batcher.providers.limits import DEFAULT_LIMITS
+
+logger = logging.getLogger(__name__)
+
+#: output tokens assumed for a request that sets no output bound
+DEFAULT_OUTPUT_TOKENS = 256
+#: tokens the chat format adds per message and per reply (OpenAI's published rule of thumb)
+PER_MESSAGE_TOKENS = 3
+PER_REPLY_TOKENS = 3
+
+
+@functools.lru_cache(maxsize=32)
+def _encoding(model: str) -> Any:
+    import bpe_openai
+
+    try:
+        return bpe_openai.encoding_for_model(model)
+    except Exception:  # unknown model names: the current default vocabulary
+        return bpe_openai.get_encoding("o200k_base")
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every piece of text inside a request field (strings, content parts, nested lists)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+    elif isinstance(value, dict):
+        for key in ("text", "content", "input", "prompt"):
+            if key in value:
+                yield from _texts(value[key])
+
+
+def count_input_tokens(provider: Provider, endpoint: str, body: Mapping[str, Any]) -> int:
+    """Input tokens of one request (exact BPE counts for OpenAI text, an approximation otherwise)."""
+    if provider is Provider.OPENAI:
+        enc = _encoding(str(body.get("model", "")))
+
+        def count(text: str) -> int:
+            return len(enc.encode(text))
+    else:
+
+        def count(text: str) -> int:
+            return (len(text) + 3) // 4
+
+    if "messages" in body:
+        messages = body["messages"] if isinstance(body["messages"], list) else []
+        total = sum(PER_MESSAGE_TOKENS + sum(count(t) for t in _texts(m)) for m in messages) + PER_REPLY_TOKENS
+        if "system" in body:  # Anthropic's system prompt sits beside the messages
+            total += sum(count(t) for t in _texts(body["system"]))
+        return total
+    for key in ("input", "prompt"):
+        if key in body:
+            return sum(count(t) for t in _texts(body[key]))
+    return 0
+
+
+def max_output_tokens(endpoint: str, body: Mapping[str, Any]) -> int:
+    """The most output tokens a request can produce (its bound, or the documented default)."""
+    if endpoint in ("/v1/embeddings", "/v1/moderations"):
+        return 0
+    for key in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return DEFAULT_OUTPUT_TOKENS
+
+
+@dataclass
+class ModelEstimate:
+    endpoint: str
+    model: str
+    jobs: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    batches: int = 0
+    batch_usd: Decimal | None = Decimal(0)
+    realtime_usd: Decimal | None = Decimal(0)
+    sizes: list[tuple[str, int]] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "jobs": self.jobs,
+            "batches": self.batches,
+            "input_tokens": self.input_tokens,
+            "max_output_tokens": self.output_tokens,
+            "batch_usd": None if self.batch_usd is None else str(self.batch_usd),
+            "realtime_usd": None if self.realtime_usd is None else str(self.realtime_usd),
+        }
+
+
+@dataclass
+class Estimate:
+    """What a file would make: jobs, batches, tokens and cost at batch and real-time prices."""
+
+    groups: list[ModelEstimate]
+
+    @property
+    def jobs(self) -> int:
+        return sum(g.jobs for g in self.groups)
+
+    @property
+    def batches(self) -> int:
+        return sum(g.batches for g in self.groups)
+
+    @property
+    def unpriced_models(self) -> list[str]:
+        return sorted({g.model for g in self.groups if g.batch_usd is None})
+
+    def total(self, attr: str) -> Decimal:
+        return sum((getattr(g, attr) for g in self.groups if getattr(g, attr) is not None), Decimal(0))
+
+    def to_json(self) -> dict[str, Any]:
+        batch, realtime = self.total("batch_usd"), self.total("realtime_usd")
+        return {
+            "jobs": self.jobs,
+            "batches": self.batches,
+            "batch_usd": str(batch),
+            "realtime_usd": str(realtime),
+            "saved_usd": str(realtime - batch),
+            "unpriced_models": self.unpriced_models,
+            "groups": [g.to_json() for g in self.groups],
+        }
+
+
+def estimate_file(
+    path: Path,
+    provider: Provider,
+    prices: PriceBook,
+    *,
+    limits: Limits | None = None,
+    price_provider: str | None = None,
+) -> Estimate:
+    """Read a batch file as intake would (same checks, same errors) and estimate it; stores nothing.
+
+    Raises:
+        InvalidFile: invalid lines, each named.
+    """
+    limits = limits or DEFAULT_LIMITS[provider]
+    groups: dict[tuple[str, str], ModelEstimate] = {}
+    errors: list[InvalidInput] = []
+    error_count = 0
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                parsed = parse_line(raw, provider, limits, lineno)
+            except InvalidInput as exc:
+                error_count += 1
+                if len(errors) < MAX_LISTED_ERRORS:
+                    errors.append(exc)
+                continue
+            body = orjson.loads(parsed.body_json)
+            group = groups.setdefault((parsed.endpoint, parsed.model), ModelEstimate(parsed.endpoint, parsed.model))
+            usage = TokenUsage(
+                input_tokens=count_input_tokens(provider, parsed.endpoint, body),
+                output_tokens=max_output_tokens(parsed.endpoint, body),
+            )
+            group.jobs += 1
+            group.input_tokens += usage.input_tokens
+            group.output_tokens += usage.output_tokens
+            group.sizes.append((parsed.custom_id, parsed.body_bytes))
+    if errors:
+        raise InvalidFile(str(path), errors, error_count)
+    for group in groups.values():
+        group.batches = len(split(group.sizes, limits, keep_partial=True))
+        group.sizes = []
+        cost = prices.cost(
+            price_provider or provider.value,
+            group.model,
+            TokenUsage(input_tokens=group.input_tokens, output_tokens=group.output_tokens),
+            mode="batch",
+        )
+        group.batch_usd, group.realtime_usd = cost.actual_usd, cost.realtime_usd
+    return Estimate(sorted(groups.values(), key=lambda g: (g.endpoint, g.model)))
