@@ -62,7 +62,7 @@ async def ran(db_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[tupl
 
 
 async def test_ledger_equals_usage_times_price(ran: tuple[Database, Pipeline]) -> None:
-    db, pipeline = ran
+    db, _ = ran
     book = PriceBook()
     async with db.engine.connect() as conn:
         succeeded = (

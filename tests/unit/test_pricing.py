@@ -28,9 +28,9 @@ def test_gpt_4o_mini_batch_and_realtime() -> None:
         {"prompt_tokens": 2000, "completion_tokens": 300, "prompt_tokens_details": {"cached_tokens": 500}}
     )
     cost = PriceBook().cost("openai", "gpt-4o-mini", usage, mode="batch")
-    # real time: 1500 × $0.15/M + 500 cached × $0.075/M + 300 × $0.60/M
+    # real time: 1500 x $0.15/M + 500 cached x $0.075/M + 300 x $0.60/M
     assert cost.realtime_usd == D("0.0004425")
-    # batch (published batch prices): 1500 × $0.075/M + 500 × $0.075/M + 300 × $0.30/M
+    # batch (published batch prices): 1500 x $0.075/M + 500 x $0.075/M + 300 x $0.30/M
     assert cost.actual_usd == D("0.00024")
     assert not cost.batch_price_derived
     assert cost.price_source == "genai-prices"
@@ -40,7 +40,7 @@ def test_gpt_4o_mini_batch_and_realtime() -> None:
 def test_embeddings_batch_price_is_derived() -> None:
     usage = usage_from_openai({"prompt_tokens": 12345, "total_tokens": 12345})
     cost = PriceBook().cost("openai", "text-embedding-3-small", usage, mode="batch")
-    assert cost.realtime_usd == D("0.0002469")  # 12345 × $0.02/M
+    assert cost.realtime_usd == D("0.0002469")  # 12345 x $0.02/M
     # genai-prices has no batch variant for it: half the real-time price, flagged
     assert cost.actual_usd == D("0.00012345")
     assert cost.batch_price_derived
@@ -59,7 +59,7 @@ def test_claude_haiku_with_cache_tokens() -> None:
         input_tokens=25000, cached_input_tokens=20000, cache_creation_tokens=4000, output_tokens=500
     )
     cost = PriceBook().cost("anthropic", "claude-haiku-4-5", usage, mode="batch")
-    # real time: 1000 × $1/M + 20000 × $0.10/M + 4000 × $1.25/M + 500 × $5/M
+    # real time: 1000 x $1/M + 20000 x $0.10/M + 4000 x $1.25/M + 500 x $5/M
     assert cost.realtime_usd == D("0.0105")
     # batch: every kind at half
     assert cost.actual_usd == D("0.00525")
