@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -39,12 +40,15 @@ PER_REPLY_TOKENS = 3
 
 @functools.lru_cache(maxsize=32)
 def _encoding(model: str) -> Any:
-    import bpe_openai
+    # bpe-openai reads its bundled vocabularies through importlib.resources' deprecated open_binary
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
 
-    try:
-        return bpe_openai.encoding_for_model(model)
-    except Exception:  # unknown model names: the current default vocabulary
-        return bpe_openai.get_encoding("o200k_base")
+        try:
+            return bpe_openai.encoding_for_model(model)
+        except Exception:  # unknown model names: the current default vocabulary
+            return bpe_openai.get_encoding("o200k_base")
 
 
 def _texts(value: Any) -> Iterator[str]:

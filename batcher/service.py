@@ -20,7 +20,10 @@ from batcher.domain import JOB_TERMINAL, BatchState, JobSpec, JobState, Provider
 from batcher.errors import InvalidInput, NotFound
 from batcher.export import ExportReport, ExportState, export_run
 from batcher.intake import Defaults, IntakeResult, enqueue_specs, submit_file
+from batcher.ledger import SavingsReport
+from batcher.ledger import savings as ledger_savings
 from batcher.lifecycle import CancelReport, Pipeline
+from batcher.providers import registry
 from batcher.providers.registry import build_adapters, close_adapters
 from batcher.timeutil import utcnow
 
@@ -104,16 +107,31 @@ class Batcher:
 
         Raises:
             InvalidFile: some lines are invalid (named) and ``rejects_path`` was not given; nothing stored.
+            ConfigError: ``account`` is not configured.
+            InvalidInput: ``account`` speaks another provider's API.
         """
+        provider = Provider(provider)
+        name = account or provider.value
+        acct = registry.account_settings(self.settings, name)
+        if acct.kind is not provider:
+            raise InvalidInput(f"account {name!r} speaks the {acct.kind.value} API, not {provider.value}")
         return await submit_file(
             self.db,
             Path(path),
-            Provider(provider),
-            Defaults(run, account, tags, priority, not_after),
+            provider,
+            Defaults(run, name, tags, priority, not_after),
+            limits=registry.account_limits(acct),
             rejects_path=None if rejects_path is None else Path(rejects_path),
             chunk_size=self.settings.intake_chunk,
             progress=progress,
         )
+
+    async def savings(
+        self, *, run: str | None = None, since: datetime | None = None, by: str | None = None
+    ) -> SavingsReport:
+        """Actual cost next to the real-time equivalent, in total and per group (see ``batcher savings``)."""
+        async with self.db.engine.connect() as conn:
+            return await ledger_savings(conn, run=run, since=since, by=by)
 
     async def get(self, job_id: str) -> queries.JobInfo:
         """One job, with its result. Raises :class:`NotFound`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from batcher.cli.app import app, console, err_console, load_settings, print_json, run
+from batcher.cli.ledger_cmds import usd
 from batcher.config import Settings
 from batcher.db.queries import StatusReport
 from batcher.domain import JOB_TERMINAL, JobState, Provider
+from batcher.errors import InvalidInput
+from batcher.estimate import Estimate
 from batcher.intake import IntakeResult
 from batcher.service import Batcher
 from batcher.timeutil import parse_duration, utcnow
@@ -65,11 +69,17 @@ def submit(
     skip_invalid: Path | None = typer.Option(
         None, "--skip-invalid", help="Store the valid lines and write each invalid one, with its reason, here."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Store nothing: print the batches it would make and their estimated cost."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
     """Queue every request of a provider batch file. All lines or none, unless --skip-invalid."""
     settings = load_settings()
     tags = parse_tags(tag)
+    if dry_run:
+        _dry_run(settings, file, provider, account, json_out)
+        return
     try:
         not_after = None if deadline is None else utcnow() + parse_duration(deadline)
     except ValueError as exc:
@@ -122,6 +132,61 @@ def submit(
     )
 
 
+def _dry_run(settings: Settings, file: Path, provider: Provider, account: str | None, json_out: bool) -> None:
+    from batcher.estimate import estimate_file
+    from batcher.pricing import PriceBook, load_overrides
+    from batcher.providers import registry
+
+    if not file.is_file():
+        raise typer.BadParameter(f"{file} is not a file", param_hint="FILE")
+    name = account or provider.value
+
+    async def _go() -> Estimate:
+        acct = registry.account_settings(settings, name)
+        if acct.kind is not provider:
+            raise InvalidInput(f"account {name!r} speaks the {acct.kind.value} API, not {provider.value}")
+        prices = PriceBook(registry.discounts(settings), load_overrides(settings.price_overrides_file))
+        with (
+            err_console.status(f"estimating {file.name}…")
+            if console.is_terminal and not json_out
+            else contextlib.nullcontext()
+        ):
+            return await asyncio.to_thread(
+                estimate_file,
+                file,
+                provider,
+                prices,
+                limits=registry.account_limits(acct),
+                price_provider=registry.price_provider(name, acct),
+            )
+
+    estimate = run(_go())
+    if json_out:
+        print_json(estimate.to_json())
+        return
+    table = Table(title=f"dry run: {file.name} (nothing stored)")
+    for col in ("endpoint", "model", "jobs", "batches", "input tokens", "max output tokens", "batch", "real-time"):
+        table.add_column(col, justify="left" if col in ("endpoint", "model") else "right")
+    for g in estimate.groups:
+        table.add_row(
+            g.endpoint,
+            g.model,
+            str(g.jobs),
+            str(g.batches),
+            f"{g.input_tokens:,}",
+            f"{g.output_tokens:,}",
+            "unpriced" if g.batch_usd is None else usd(g.batch_usd),
+            "unpriced" if g.realtime_usd is None else usd(g.realtime_usd),
+        )
+    batch, realtime = estimate.total("batch_usd"), estimate.total("realtime_usd")
+    table.add_row("[bold]total[/]", "", str(estimate.jobs), str(estimate.batches), "", "", usd(batch), usd(realtime))
+    console.print(table)
+    console.print(
+        f"estimated saving {usd(realtime - batch)}; output counted at each request's max_tokens (an upper bound)"
+        + (f"; no price for {', '.join(estimate.unpriced_models)}" if estimate.unpriced_models else "")
+    )
+
+
 @app.command()
 def status(
     run_name: str | None = typer.Option(None, "--run", help="Only this run."),
@@ -160,6 +225,8 @@ def _status_table(report: dict[str, Any]) -> Table:
         table.add_column(s, justify="right")
     table.add_column("batches in flight", justify="right")
     table.add_column("oldest queued", justify="right")
+    table.add_column("cost (real-time)", justify="right")
+    table.add_column("saved", justify="right")
     now = utcnow()
     for r in report["runs"]:
         table.add_row(
@@ -167,10 +234,18 @@ def _status_table(report: dict[str, Any]) -> Table:
             *(str(r["jobs"].get(s, 0)) for s in states),
             str(r["batches_in_flight"]),
             _ago(r["oldest_queued_at"], now),
+            _money_pair(r["actual_usd"], r["realtime_usd"]),
+            "" if r["saved_usd"] is None else usd(Decimal(r["saved_usd"])),
         )
     totals = report["totals"]
-    table.add_row("[bold]total[/]", *(f"[bold]{totals.get(s, 0)}[/]" for s in states), "", "")
+    table.add_row("[bold]total[/]", *(f"[bold]{totals.get(s, 0)}[/]" for s in states), "", "", "", "")
     return table
+
+
+def _money_pair(actual: str | None, realtime: str | None) -> str:
+    if actual is None or realtime is None:
+        return ""
+    return f"{usd(Decimal(actual))} ({usd(Decimal(realtime))})"
 
 
 def _ago(iso: str | None, now: datetime) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batcher.cli.app import app, console, err_console, load_settings, print_json, run, setup_logging
+from batcher.cli.ledger_cmds import usd
 from batcher.config import Settings
 from batcher.db import migrate, queries
 from batcher.db.engine import Database
 from batcher.demo import sample_specs
 from batcher.domain import JobState
 from batcher.emulator import EmulatorSettings, run_emulator, serve_emulator
+from batcher.ledger import savings as ledger_savings
 from batcher.lifecycle import Pipeline
 from batcher.providers.registry import build_adapters, close_adapters
 from batcher.service import Batcher
@@ -90,6 +93,7 @@ def demo(
         database_url=f"sqlite+aiosqlite:///{database}",
         redis_url=None,
         openai_api_key=SecretStr("demo"),
+        anthropic_api_key=SecretStr("demo"),
         poll_min_s=1.0,
         poll_max_s=5.0,
         tick_s=1,
@@ -106,7 +110,7 @@ async def _demo(settings: Settings, n: int, emu: EmulatorSettings, *, show: bool
 
     started = time.monotonic()
     async with serve_emulator(emu) as base_url:
-        settings = settings.model_copy(update={"openai_base_url": base_url})
+        settings = settings.model_copy(update={"openai_base_url": base_url, "anthropic_base_url": base_url})
         async with Batcher(settings) as batcher:
             await batcher.enqueue_many(sample_specs(n))
         db = Database(settings.database_url)
@@ -137,7 +141,7 @@ async def _demo(settings: Settings, n: int, emu: EmulatorSettings, *, show: bool
                 await work
             async with db.engine.connect() as conn:
                 report = await queries.status(conn)
-                usage = await queries.usage_totals(conn)
+                saved = await ledger_savings(conn, by="provider")
         finally:
             await close_adapters(adapters)
             await db.aclose()
@@ -145,7 +149,7 @@ async def _demo(settings: Settings, n: int, emu: EmulatorSettings, *, show: bool
         "run": "demo",
         "jobs": report.totals,
         "batches": report.batches,
-        "usage": usage,
+        "savings": saved.to_json(),
         "elapsed_s": round(time.monotonic() - started, 2),
     }
 
@@ -160,6 +164,12 @@ def _print_summary(summary: dict[str, Any], database: Path) -> None:
     console.print(table)
     batches = {k: v for k, v in summary["batches"].items() if v}
     console.print("batches: " + ", ".join(f"{k} {v}" for k, v in batches.items()))
-    usage = summary["usage"]
-    console.print(f"tokens: {usage['input_tokens']} in, {usage['output_tokens']} out over {usage['jobs']} results")
+    totals = summary["savings"]["totals"]
+    console.print(
+        f"tokens: {totals['input_tokens']:,} in, {totals['output_tokens']:,} out over {totals['jobs']} results"
+    )
+    console.print(
+        f"[bold]cost {usd(Decimal(totals['actual_usd']))}[/] in batches vs {usd(Decimal(totals['realtime_usd']))} "
+        f"in real time: [bold green]saved {usd(Decimal(totals['saved_usd']))} ({totals['saved_pct']}%)[/]"
+    )
     console.print(f"look around: BATCHER_DATABASE_URL=sqlite:///{database} batcher status")

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batcher.db.tables import batches, jobs, ledger
 from batcher.domain import BatchState, JobState
+from batcher.ledger import cost_by_run
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class RunStatus:
     total: int = 0
     oldest_queued_at: datetime | None = None
     batches_in_flight: int = 0
+    #: cost so far from the ledger (``None``: nothing settled yet)
+    actual_usd: Decimal | None = None
+    realtime_usd: Decimal | None = None
+    unpriced_jobs: int = 0
 
     @property
     def settled(self) -> int:
@@ -139,6 +144,14 @@ class RunStatus:
             "settled": self.settled,
             "oldest_queued_at": _iso(self.oldest_queued_at),
             "batches_in_flight": self.batches_in_flight,
+            "actual_usd": None if self.actual_usd is None else str(self.actual_usd),
+            "realtime_usd": None if self.realtime_usd is None else str(self.realtime_usd),
+            "saved_usd": (
+                None
+                if self.actual_usd is None or self.realtime_usd is None
+                else str(self.realtime_usd - self.actual_usd)
+            ),
+            "unpriced_jobs": self.unpriced_jobs,
         }
 
 
@@ -181,24 +194,10 @@ async def status(conn: AsyncConnection, *, run: str | None = None) -> StatusRepo
     batch_counts = {s.value: 0 for s in BatchState}
     for state, count in await conn.execute(sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state)):
         batch_counts[state] = count
+    for name, cost in (await cost_by_run(conn, list(runs))).items():
+        runs[name].actual_usd, runs[name].realtime_usd = cost.actual_usd, cost.realtime_usd
+        runs[name].unpriced_jobs = cost.unpriced_jobs
     return StatusReport(totals=totals, runs=sorted(runs.values(), key=lambda r: r.run), batches=batch_counts)
-
-
-async def usage_totals(conn: AsyncConnection, *, run: str | None = None) -> dict[str, int]:
-    """Tokens reported by the provider over succeeded jobs (OpenAI and Anthropic usage shapes)."""
-    query = sa.select(jobs.c.usage).where(jobs.c.state == JobState.SUCCEEDED.value, jobs.c.usage.is_not(None))
-    if run is not None:
-        query = query.where(jobs.c.run == run)
-    totals = {"jobs": 0, "input_tokens": 0, "output_tokens": 0}
-    result = await conn.stream(query.execution_options(yield_per=5000))
-    async for (usage,) in result:
-        totals["jobs"] += 1
-        totals["input_tokens"] += int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0)
-        totals["output_tokens"] += int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
-    return totals
-
-
-# ---------------------------------------------------------------- batches
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,14 @@ def test_demo(tmp_path: Path) -> None:
     assert summary["jobs"]["succeeded"] == 200
     assert summary["batches"]["collected"] >= 1
     assert (tmp_path / "batcher-demo.db").exists()
+    # OpenAI and Anthropic jobs both ran, and batching saved about half
+    providers = {g["key"] for g in summary["savings"]["groups"]}
+    assert providers == {"openai", "anthropic"}
+    after = Cli(clean_env(BATCHER_DATABASE_URL=f"sqlite:///{tmp_path / 'batcher-demo.db'}"), tmp_path)
+    savings = after.json("savings")
+    assert savings["totals"]["jobs"] == 200
+    assert savings["totals"]["unpriced_jobs"] == 0
+    assert 49.0 <= savings["totals"]["saved_pct"] <= 50.0
 
 
 def test_status_watch_stops_cleanly_on_ctrl_c(db_url: str, tmp_path: Path) -> None:
