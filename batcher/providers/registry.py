@@ -15,10 +15,8 @@ from genai_prices import data_snapshot
 from batcher.config import AccountSettings, Settings
 from batcher.domain import Provider
 from batcher.errors import ConfigError
-from batcher.providers.anthropic import AnthropicAdapter
 from batcher.providers.base import Limits, ProviderAdapter
 from batcher.providers.limits import DEFAULT_LIMITS
-from batcher.providers.openai import OpenAIAdapter
 
 
 def accounts(settings: Settings) -> dict[str, AccountSettings]:
@@ -75,6 +73,10 @@ def discounts(settings: Settings) -> dict[str, Decimal]:
 
 
 def build_adapter(name: str, account: AccountSettings) -> ProviderAdapter:
+    # the SDKs take a second to import: only commands that talk to providers pay for it
+    from batcher.providers.anthropic import AnthropicAdapter
+    from batcher.providers.openai import OpenAIAdapter
+
     key = account.api_key.get_secret_value() if account.api_key else None
     if account.kind is Provider.ANTHROPIC:
         return AnthropicAdapter(name, api_key=key, base_url=account.base_url, limits=account_limits(account))
