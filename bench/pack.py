@@ -196,7 +196,7 @@ def _sqlite_raw_pack(db_path: Path, n: int) -> tuple[float, str]:
 
 
 async def _postgres_raw_pack(url: str, n: int) -> tuple[float, str]:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     conn = await asyncpg.connect(asyncpg_dsn(url))
     batch_id = new_id()

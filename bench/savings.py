@@ -337,7 +337,7 @@ async def _sqlite(tmp: Path, n: int) -> list[Result]:
 
 
 async def _postgres(n: int) -> list[Result]:
-    import asyncpg  # type: ignore[import-untyped]
+    import asyncpg
 
     timings = Timings([], [], [], [])
     async with fresh_postgres_database() as url:
