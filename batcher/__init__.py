@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from batcher.client import BatcherClient
 from batcher.config import Settings
 from batcher.domain import BatchState, JobSpec, JobState, Provider
 from batcher.errors import (
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchState",
     "Batcher",
+    "BatcherClient",
     "BatcherError",
     "ConfigError",
     "IntakeResult",

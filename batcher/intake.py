@@ -13,14 +13,15 @@ import logging
 import operator
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batcher.db.engine import Database
@@ -51,6 +52,10 @@ class Defaults:
     tags: Mapping[str, str] | None = None
     priority: int = 0
     not_after: datetime | None = None
+    #: the HTTP API tenant the jobs belong to (``None``: the CLI and Python doors)
+    tenant: str | None = None
+    #: where each job's result is POSTed once it settles (see :mod:`batcher.webhooks`)
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,11 @@ class RowBuilder:
             "queued_at": now,
             "updated_at": now,
         }
+        # only when set: the CLI's rows keep the INSERT they had
+        if defaults.tenant is not None:
+            self.base["tenant"] = defaults.tenant
+        if defaults.callback_url is not None:
+            self.base["callback_url"] = defaults.callback_url
 
     def row(self, line: ParsedLine) -> dict[str, Any]:
         row = dict(self.base)
@@ -233,6 +243,25 @@ def _new_ids(count: int) -> list[str]:
     return [prefix + part for part in sorted(hexed[i : i + 20] for i in range(0, 20 * count, 20))]
 
 
+#: the INSERT of :class:`FileRows` by (dialect, driver, shared columns): (SQL, parameter order)
+_INSERTS: dict[tuple[str, str, tuple[str, ...]], tuple[str, list[str]]] = {}
+
+
+def _compiled_insert(db: Database, shared: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The jobs INSERT … ON CONFLICT (run, custom_id) DO NOTHING for these columns, compiled once per process.
+
+    The HTTP API stores small groups many times a second; compiling anew each time cost more than the insert.
+    """
+    dialect = db.engine.dialect
+    key = (dialect.name, dialect.driver, shared)
+    found = _INSERTS.get(key)
+    if found is None:
+        stmt = db.insert(jobs).on_conflict_do_nothing(index_elements=["run", "custom_id"])
+        compiled = stmt.compile(dialect=dialect, column_keys=[*_PER_ROW_COLUMNS, *shared])
+        found = _INSERTS[key] = (compiled.string, list(compiled.positiontup or []))
+    return found
+
+
 class FileRows:
     """The rows of one file intake as driver-ready parameter tuples, and the INSERT that takes them.
 
@@ -249,9 +278,7 @@ class FileRows:
 
     def __init__(self, db: Database, builder: RowBuilder) -> None:
         dialect = db.engine.dialect
-        stmt = db.insert(jobs).on_conflict_do_nothing(index_elements=["run", "custom_id"])
-        compiled = stmt.compile(dialect=dialect, column_keys=[*_PER_ROW_COLUMNS, *builder.base])
-        order: list[str] = list(compiled.positiontup or [])
+        sql, order = _compiled_insert(db, tuple(builder.base))
         shared_names = [name for name in order if name not in _PER_ROW_COLUMNS]
         shared: list[Any] = []
         for name in shared_names:
@@ -266,28 +293,26 @@ class FileRows:
         source = [*_PER_ROW_COLUMNS, *shared_names]
         self._assemble = operator.itemgetter(*(source.index(name) for name in order))
         self._shared = tuple(shared)
-        self.sql: str = compiled.string
+        self.sql: str = sql
 
-    def rows(self, lines: list[ParsedLine]) -> list[tuple[Any, ...]]:
-        """One parameter tuple per line, each with a new job id."""
+    def rows(self, lines: list[ParsedLine], ids: list[str] | None = None) -> list[tuple[Any, ...]]:
+        """One parameter tuple per line, each with a new job id (``ids``, or fresh ones)."""
         assemble = self._assemble
         shared = self._shared
         return [
             assemble((job_id, p.custom_id, p.endpoint, p.model, p.body_json, p.body_bytes, *shared))
-            for job_id, p in zip(_new_ids(len(lines)), lines, strict=True)
+            for job_id, p in zip(_new_ids(len(lines)) if ids is None else ids, lines, strict=True)
         ]
 
-    async def insert(self, conn: AsyncConnection, lines: list[ParsedLine]) -> None:
-        """Insert ``lines`` as new jobs, skipping any whose (run, custom_id) is already stored."""
-        if lines:
-            await conn.exec_driver_sql(self.sql, self.rows(lines))
+    async def insert(self, conn: AsyncConnection, lines: list[ParsedLine], ids: list[str] | None = None) -> int | None:
+        """Insert ``lines`` as new jobs, skipping any whose (run, custom_id) is already stored.
 
-
-async def _insert_chunks(db: Database, conn: Any, chunks: Iterable[list[dict[str, Any]]]) -> None:
-    stmt = db.insert(jobs).on_conflict_do_nothing(index_elements=["run", "custom_id"])
-    for chunk in chunks:
-        if chunk:
-            await conn.execute(stmt, chunk)
+        Returns how many rows were inserted where the driver says (SQLite does; asyncpg does not: ``None``).
+        """
+        if not lines:
+            return 0
+        result = await conn.exec_driver_sql(self.sql, self.rows(lines, ids))
+        return result.rowcount if result.rowcount >= 0 else None
 
 
 async def _count_run(conn: Any, run: str) -> int:
@@ -399,15 +424,107 @@ async def submit_file(
     return result
 
 
+class SpecLike(Protocol):
+    """What :func:`enqueue` reads of a job: :class:`JobSpec`'s fields (the HTTP API passes a lighter object)."""
+
+    @property
+    def provider(self) -> Provider: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def custom_id(self) -> str: ...
+    @property
+    def body(self) -> dict[str, Any]: ...
+    @property
+    def run(self) -> str: ...
+    @property
+    def account(self) -> str | None: ...
+    @property
+    def tags(self) -> Mapping[str, str]: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def not_after(self) -> datetime | None: ...
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What :func:`enqueue` stored.
+
+    Attributes:
+        ids: one job id per spec, in order (the stored job's id where the spec's custom_id was already in its run).
+        created: for each spec, whether this call stored it.
+    """
+
+    ids: list[str]
+    created: list[bool]
+
+
+#: called by :func:`enqueue` inside its transaction once the rows are in (and their ids known); raising refuses
+#: the whole call, which is rolled back (the HTTP API checks tenant limits and records idempotency keys here)
+AfterInsert = Callable[[AsyncConnection, Enqueued], Awaitable[None]]
+
+#: custom_ids per id lookup: SQLite's ``IN (…)`` list, PostgreSQL's array
+_LOOKUP_CHUNK = 500
+_PG_LOOKUP_CHUNK = 20_000
+
+
+def _lookup(db: Database, run: str, custom_ids: list[str]) -> sa.Select[Any]:
+    """The ids of ``run``'s jobs with these custom_ids.
+
+    PostgreSQL joins the jobs to ``unnest(:custom_ids)``. An ``IN (…)`` list there goes wrong once asyncpg's
+    prepared statement gets a generic plan (from the sixth call on) while the table has no statistics yet: a
+    scan of the whole run comparing each row to every listed id, 50 times slower than the join's index probes.
+    """
+    if db.is_sqlite:
+        return sa.select(jobs.c.id, jobs.c.custom_id).where(jobs.c.run == run, jobs.c.custom_id.in_(custom_ids))
+    ids = sa.bindparam("custom_ids", custom_ids, type_=postgresql.ARRAY(sa.String()))
+    wanted = sa.func.unnest(ids).table_valued("custom_id").render_derived(name="wanted")
+    return sa.select(jobs.c.id, jobs.c.custom_id).select_from(
+        wanted.join(jobs, sa.and_(jobs.c.run == run, jobs.c.custom_id == wanted.c.custom_id))
+    )
+
+
 async def enqueue_specs(db: Database, specs: Iterable[JobSpec], *, chunk_size: int = 5000) -> list[str]:
     """Store jobs given as :class:`JobSpec`; returns each spec's job id (existing id for a duplicate).
 
     All or nothing: an invalid spec raises :class:`InvalidInput` (``line`` = its 1-based position) and
     nothing is stored.
     """
+    return (await enqueue(db, specs, chunk_size=chunk_size)).ids
+
+
+async def enqueue(
+    db: Database,
+    specs: Iterable[SpecLike],
+    *,
+    chunk_size: int = 5000,
+    tenant: str | None = None,
+    callback_urls: Sequence[str | None] | None = None,
+    after_insert: AfterInsert | None = None,
+) -> Enqueued:
+    """Store jobs given as :class:`JobSpec`, all or nothing, in one transaction.
+
+    Specs that share their defaults (run, tags, priority, deadline, callback) are inserted together through
+    :class:`FileRows`, the file intake's INSERT.
+
+    Args:
+        db: the database.
+        specs: the jobs.
+        chunk_size: rows per INSERT.
+        tenant: the HTTP API tenant every job belongs to.
+        callback_urls: one callback URL (or ``None``) per spec.
+        after_insert: run inside the transaction once the rows are in; raising refuses the whole call.
+
+    Raises:
+        InvalidInput: a spec is invalid (``line`` = its 1-based position); nothing is stored.
+    """
     now = utcnow()
-    rows: list[dict[str, Any]] = []
+    keys: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
+    groups: dict[tuple[Any, ...], tuple[RowBuilder, list[ParsedLine]]] = {}
     for position, spec in enumerate(specs, start=1):
         limits = DEFAULT_LIMITS[spec.provider]
         if spec.provider is Provider.OPENAI:
@@ -426,20 +543,49 @@ async def enqueue_specs(db: Database, specs: Iterable[JobSpec], *, chunk_size: i
         if key in seen:
             raise InvalidInput(f"duplicate custom_id {spec.custom_id!r} in run {spec.run!r}", line=position)
         seen.add(key)
-        defaults = Defaults(spec.run, spec.account, spec.tags, spec.priority, spec.not_after)
-        rows.append(RowBuilder(spec.provider, defaults, now).row(parsed))
+        keys.append(key)
+        callback_url = None if callback_urls is None else callback_urls[position - 1]
+        group_key = (
+            spec.provider,
+            spec.run,
+            spec.account,
+            tuple(sorted(spec.tags.items())),
+            spec.priority,
+            spec.not_after,
+            callback_url,
+        )
+        group = groups.get(group_key)
+        if group is None:
+            defaults = Defaults(spec.run, spec.account, spec.tags, spec.priority, spec.not_after, tenant, callback_url)
+            group = groups[group_key] = (RowBuilder(spec.provider, defaults, now), [])
+        group[1].append(parsed)
+    new_ids: set[str] = set()
+    found: dict[tuple[str, str], str] = {}
     async with db.engine.begin() as conn:
-        await _insert_chunks(db, conn, (rows[i : i + chunk_size] for i in range(0, len(rows), chunk_size)))
-        ids: list[str] = []
-        for i in range(0, len(rows), 500):
-            part = rows[i : i + 500]
-            lookup = {
-                (r.run, r.custom_id): r.id
-                for r in await conn.execute(
-                    sa.select(jobs.c.id, jobs.c.run, jobs.c.custom_id).where(
-                        sa.tuple_(jobs.c.run, jobs.c.custom_id).in_([(r["run"], r["custom_id"]) for r in part])
-                    )
-                )
-            }
-            ids.extend(lookup[(r["run"], r["custom_id"])] for r in part)
-    return ids
+        every_row_new = True
+        for builder, lines in groups.values():
+            file_rows = FileRows(db, builder)
+            run = builder.base["run"]
+            for i in range(0, len(lines), chunk_size):
+                part = lines[i : i + chunk_size]
+                ids = _new_ids(len(part))
+                if await file_rows.insert(conn, part, ids) != len(part):
+                    every_row_new = False
+                new_ids.update(ids)
+                found.update(((run, line.custom_id), job_id) for line, job_id in zip(part, ids, strict=True))
+        if not every_row_new:
+            # some were stored before (or the driver cannot tell): every spec's id, looked up per run
+            found.clear()
+            by_run: dict[str, list[str]] = {}
+            for run, custom_id in seen:
+                by_run.setdefault(run, []).append(custom_id)
+            chunk = _LOOKUP_CHUNK if db.is_sqlite else _PG_LOOKUP_CHUNK
+            for run, custom_ids in by_run.items():
+                for i in range(0, len(custom_ids), chunk):
+                    for job_id, custom_id in await conn.execute(_lookup(db, run, custom_ids[i : i + chunk])):
+                        found[(run, custom_id)] = job_id
+        ordered = [found[key] for key in keys]
+        result = Enqueued(ordered, [job_id in new_ids for job_id in ordered])
+        if after_insert is not None:
+            await after_insert(conn, result)
+    return result

@@ -4,24 +4,29 @@ Every step follows one pattern: claim rows in a short transaction (a state chang
 row), commit, do the network call with no session open, then record the outcome in one transaction
 whose ``UPDATE … WHERE state IN (…)`` guards decide any race. A worker killed at any line leaves rows
 another worker can finish: an ``open`` batch is submitted again, a ``submitting`` batch whose lease ran
-out is first looked up at the provider (our batch id travels in its metadata), a batch half collected is
-collected again and the already-settled jobs are skipped by their state guard.
+out is first looked up at the provider (:func:`batcher.recovery.find_unrecorded`), a batch half collected is
+collected again and the already-settled jobs are skipped by their state guard. Leases are renewed in the
+background while a step runs (:class:`batcher.recovery.BatchLease`), and a step cancelled (a worker shutting
+down) hands its batch over at once instead of leaving it to the lease's expiry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from batcher import fallback, recovery, settle
 from batcher.config import Settings
 from batcher.db.engine import Database
 from batcher.db.tables import batches, jobs, pauses
@@ -29,52 +34,60 @@ from batcher.domain import (
     BATCH_AT_PROVIDER,
     BATCH_TO_COLLECT,
     BATCH_TRANSITIONS,
+    JOB_ACTIVE,
     BatchState,
     JobState,
     new_id,
     state_values,
 )
 from batcher.errors import ConfigError, NotFound, ProviderError
-from batcher.ledger import entries_from_batch, entry_params
-from batcher.packer import FlushReason, GroupKey, GroupStats, flush_reason, next_poll_interval, pause_backoff, split
-from batcher.pricing import ZERO_COST, PriceBook, load_overrides, normalize_usage
+from batcher.packer import (
+    FlushReason,
+    GroupKey,
+    GroupStats,
+    flush_reason,
+    next_poll_interval,
+    retry_delay,
+    split,
+)
+from batcher.pricing import PriceBook, load_overrides
 from batcher.providers import registry
-from batcher.providers.base import BatchStatus, Outcome, OutcomeKind, ProviderAdapter
+from batcher.providers.base import BatchStatus, ProviderAdapter
+from batcher.recovery import BatchLease, LeaseLost, SweepReport
+from batcher.settle import CollectReport
 from batcher.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
 
 #: ids per ``IN (…)`` list: well under SQLite's 32,766 bound variables
 ID_CHUNK = 5000
-TOKEN_LIMIT = "token_limit_exceeded"
+
+
+#: states past the provider's validation: it accepted the batch (and the enqueued tokens)
+_VALIDATED = frozenset({BatchState.IN_PROGRESS, BatchState.FINALIZING, BatchState.ENDED})
+#: a lease time in the past: a submitting batch handed over this way is claimed by the next worker at once
+_HANDED_OVER = datetime(2000, 1, 1, tzinfo=UTC)
+RETRIEVE_FAILED = "retrieve_failed"
+#: how far back the recovery sweep looks for an account's batches
+RECOVERY_WINDOW = timedelta(days=2)
 
 
 @dataclass
 class Due:
-    """Work whose time has come, by kind (batch ids)."""
+    """Work whose time has come, by kind (batch ids).
+
+    ``keys`` tells one due occasion of a batch from the next (its state, next poll and lease as read), so a task
+    id built from it is new each time the batch becomes due again — in particular once a dead worker's lease has
+    run out — and the same while one occasion waits in the queue.
+    """
 
     submit: list[str] = field(default_factory=list)
     poll: list[str] = field(default_factory=list)
     collect: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.submit or self.poll or self.collect)
-
-
-@dataclass
-class CollectReport:
-    """What collecting one batch did (job counts read back from the database once it is done)."""
-
-    succeeded: int = 0
-    failed: int = 0
-    requeued: int = 0
-    cancelled: int = 0
-    #: requests the provider reported expired (requeued or failed)
-    expired: int = 0
-    #: result lines read
-    results: int = 0
-    #: jobs with no result line at all (requeued or failed as ``missing_result``)
-    missing: int = 0
 
 
 @dataclass
@@ -101,6 +114,7 @@ class Pipeline:
         clock: the current time, for leases renewed during long steps.
         prices: the price book for ledger entries (default: genai-prices with the settings' discounts and
             overrides).
+        rand: random numbers in ``[0, 1)`` for retry jitter.
     """
 
     def __init__(
@@ -113,8 +127,13 @@ class Pipeline:
         work_dir: Path | None = None,
         clock: Callable[[], datetime] = utcnow,
         prices: PriceBook | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.clock = clock
+        self.rand = rand
+        #: per account: no real-time call before this time (a provider's Retry-After), and failures in a row
+        self.fallback_not_before: dict[str, datetime] = {}
+        self.fallback_failures: dict[str, int] = {}
         self.prices = prices or PriceBook(registry.discounts(settings), load_overrides(settings.price_overrides_file))
         self._price_providers: dict[str, str] = {}
         self.db = db
@@ -142,23 +161,45 @@ class Pipeline:
     def _lease_until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.lease_s)
 
+    def _lease(self, batch_id: str, now: datetime) -> BatchLease:
+        return BatchLease(self.db, batch_id, self.owner, now=now, lease_s=self.settings.lease_s, clock=self.clock)
+
+    def turnaround_s(self, account: str) -> float:
+        """How long a batch of ``account`` is expected to take (settings; by account, then provider kind)."""
+        adapter = self.adapters.get(account)
+        return self.settings.turnaround_s(account, adapter.kind.value if adapter is not None else "")
+
+    def retry_delay(self, failures: int, exc: ProviderError, *, base_s: float, max_s: float) -> float:
+        """Seconds before a failed provider call is tried again: its Retry-After, else jittered back-off."""
+        return retry_delay(
+            failures,
+            base_s=base_s,
+            max_s=max_s,
+            retry_after_s=exc.retry_after_s,
+            jitter=self.rand(),
+            spread=self.settings.retry_jitter,
+        )
+
     # ------------------------------------------------------------------ pack
 
     async def pack(self, now: datetime, *, force: bool = False) -> list[str]:
-        """Turn due groups of queued jobs into ``open`` batches; returns the new batch ids."""
+        """Turn due groups of queued jobs into ``open`` batches; returns the new batch ids.
+
+        Jobs whose deadline a batch can no longer meet are left out (they are the deadline sweep's,
+        :meth:`sweep_deadlines`).
+        """
         created: list[str] = []
         async with self.db.engine.connect() as conn:
             groups = await self._queued_groups(conn, now)
         for stats in groups:
-            adapter = self.adapters.get(stats.key.account)
-            if adapter is None:
-                continue  # an account this worker does not serve
+            adapter = self.adapters[stats.key.account]
             reason = flush_reason(
                 stats,
                 adapter.limits,
                 now,
                 max_wait_s=self.settings.pack_max_wait_s,
-                turnaround_s=self.settings.expected_turnaround_s,
+                turnaround_s=self.turnaround_s(stats.key.account),
+                lead_s=self.settings.deadline_lead_s,
                 force=force,
             )
             if reason is None:
@@ -174,30 +215,41 @@ class Pipeline:
             logger.info("packed %d batch(es)", len(created))
         return created
 
+    def _batchable(self, account: str, now: datetime) -> sa.ColumnElement[bool]:
+        """Queued jobs of ``account`` a batch can still return in time (no deadline, or one far enough away)."""
+        return sa.and_(
+            jobs.c.account == account,
+            sa.or_(
+                jobs.c.not_after.is_(None),
+                jobs.c.not_after >= now + timedelta(seconds=self.turnaround_s(account)),
+            ),
+        )
+
     async def _queued_groups(self, conn: AsyncConnection, now: datetime) -> list[GroupStats]:
         paused = sa.select(pauses.c.account, pauses.c.model).where(pauses.c.until > now)
         paused_keys = {(a, m) for a, m in await conn.execute(paused)}
-        query = (
-            sa.select(
-                jobs.c.provider,
-                jobs.c.account,
-                jobs.c.endpoint,
-                jobs.c.model,
-                sa.func.count(),
-                sa.func.sum(jobs.c.body_bytes),
-                sa.func.min(jobs.c.queued_at),
-                sa.func.min(jobs.c.not_after),
-            )
-            .where(jobs.c.state == JobState.QUEUED.value)
-            .group_by(jobs.c.provider, jobs.c.account, jobs.c.endpoint, jobs.c.model)
-        )
         out = []
-        for provider, account, endpoint, model, count, body_bytes, oldest, deadline in await conn.execute(query):
-            if (account, model) in paused_keys:
-                continue
-            out.append(
-                GroupStats(GroupKey(provider, account, endpoint, model), count, int(body_bytes), oldest, deadline)
+        # only the accounts this worker serves: another worker's are not ours to pack
+        for account in sorted(self.adapters):
+            query = (
+                sa.select(
+                    jobs.c.provider,
+                    jobs.c.endpoint,
+                    jobs.c.model,
+                    sa.func.count(),
+                    sa.func.sum(jobs.c.body_bytes),
+                    sa.func.min(jobs.c.queued_at),
+                    sa.func.min(jobs.c.not_after),
+                )
+                .where(jobs.c.state == JobState.QUEUED.value, self._batchable(account, now))
+                .group_by(jobs.c.provider, jobs.c.endpoint, jobs.c.model)
             )
+            for provider, endpoint, model, count, body_bytes, oldest, deadline in await conn.execute(query):
+                if (account, model) in paused_keys:
+                    continue
+                out.append(
+                    GroupStats(GroupKey(provider, account, endpoint, model), count, int(body_bytes), oldest, deadline)
+                )
         return out
 
     async def _pack_group(
@@ -208,7 +260,7 @@ class Pipeline:
             sa.select(jobs.c.id, jobs.c.body_bytes)
             .where(
                 jobs.c.state == JobState.QUEUED.value,
-                jobs.c.account == key.account,
+                self._batchable(key.account, now),
                 jobs.c.endpoint == key.endpoint,
                 jobs.c.model == key.model,
             )
@@ -258,9 +310,13 @@ class Pipeline:
     async def submit(self, batch_id: str, now: datetime) -> None:
         """Write the batch file, upload it and create the provider batch.
 
-        The batch row is ``submitting`` under our lease before the provider is called; the provider batch
-        carries our id in its metadata; its id is recorded right after create. A batch whose earlier
-        submit died with its lease is first looked up at the provider, so it is never created twice.
+        The batch row is ``submitting`` under our lease before the provider is called, and the lease is renewed
+        while the upload and create run. Right before create the lease is checked (a submit that lost it stops
+        there) and the time is noted in ``submitted_at``; the provider batch carries our id in its metadata where
+        the API allows; its id is recorded right after create. A batch whose earlier submit died with its lease is
+        first looked up at the provider (:func:`batcher.recovery.find_unrecorded`), so it is never created twice.
+        Jobs whose deadline this batch can no longer meet are taken out of it first (back to the queue, where the
+        deadline sweep sends them to the real-time API).
         """
         claim = (
             sa.update(batches)
@@ -287,59 +343,119 @@ class Pipeline:
                 return
             row = dict((await conn.execute(sa.select(batches).where(batches.c.id == batch_id))).mappings().one())
         adapter = self.adapter(row["account"])
-        path = self.work_dir / f"batcher-{batch_id}.jsonl"
+        path = self.work_dir / recovery.input_file_name(batch_id)
         try:
-            status = await self._submit_steps(row, adapter, path, now)
+            async with self._lease(batch_id, now) as lease:
+                status = await self._submit_steps(row, adapter, path, now, lease)
         except ProviderError as exc:
-            await self._release_submit(batch_id, now, exc)
+            await self._release_submit(batch_id, now, exc, failures=row["submit_attempts"])
             return
+        except LeaseLost:
+            logger.warning("batch %s: lease lost during submit; another worker has it", batch_id)
+            return
+        except asyncio.CancelledError:
+            # shutting down: hand the batch over now. Create may have reached the provider, so it stays
+            # ``submitting`` and whoever takes it first looks for it there.
+            await asyncio.shield(self._hand_over_submit(batch_id, now))
+            raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         if status is None:
             await self._finish_empty(batch_id, now)
             return
-        moved = await self._record_submitted(batch_id, status, now, adapter)
+        try:
+            moved = await self._record_submitted(batch_id, status, now, adapter)
+        except sa.exc.IntegrityError:
+            # recovery adopted a provider batch another batch of ours recorded meanwhile: look again later
+            logger.warning("batch %s: provider batch %s is another batch's", batch_id, status.provider_batch_id)
+            error = ProviderError("recovered provider batch already recorded", provider=adapter.account, retryable=True)
+            await self._release_submit(batch_id, now, error, failures=row["submit_attempts"])
+            return
         if moved == 0:
             # every job was cancelled while the provider batch was being created: stop it there, nobody waits
             # for its results
             await self.cancel_batch(batch_id, now)
 
+    async def _hand_over_submit(self, batch_id: str, now: datetime) -> None:
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                sa.update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.lease_owner == self.owner,
+                    batches.c.state == BatchState.SUBMITTING.value,
+                )
+                .values(lease_expires_at=_HANDED_OVER, updated_at=now)
+            )
+        logger.info("batch %s handed over mid-submit", batch_id)
+
     async def _submit_steps(
-        self, row: Mapping[str, Any], adapter: ProviderAdapter, path: Path, now: datetime
+        self, row: Mapping[str, Any], adapter: ProviderAdapter, path: Path, now: datetime, lease: BatchLease
     ) -> BatchStatus | None:
         """Find (after a crash), or upload and create, the provider batch. ``None``: no jobs left in it."""
         batch_id = row["id"]
         if row["submit_attempts"] > 1:
-            # an earlier submit died holding the lease: the provider may have the batch already
-            found = await adapter.find_batch(batch_id)
+            # an earlier submit died holding the lease (or its create's answer was lost): the provider may have
+            # the batch already
+            logger.info(
+                "batch %s: submit attempt %d; looking for an earlier one at the provider",
+                batch_id,
+                row["submit_attempts"],
+            )
+            found = await recovery.find_unrecorded(
+                self.db, adapter, row, clock_skew_s=self.settings.recovery_clock_skew_s
+            )
             if found is not None:
-                logger.warning("batch %s was created at the provider as %s but never recorded", batch_id, found)
+                logger.warning(
+                    "batch %s was created at the provider as %s but never recorded", batch_id, found.provider_batch_id
+                )
                 return found
+        await self._release_late_jobs(batch_id, row["account"], now)
         count, size = await self._write_file(batch_id, adapter, path)
         if count == 0:
             return None
         file_id = row["input_file_id"]
         if file_id is not None and count != row["request_count"]:
-            # jobs left the batch (cancelled) since that file was uploaded by an earlier attempt: sending it
-            # would run (and bill) them anyway. Upload the current file instead.
+            # jobs left the batch (cancelled, or too late for it) since that file was uploaded by an earlier
+            # attempt: sending it would run (and bill) them anyway. Upload the current file instead.
             logger.info("batch %s lost jobs since its upload; replacing file %s", batch_id, file_id)
             try:
                 await adapter.delete_file(file_id)
-            except ProviderError as exc:  # a stray file costs nothing; the batch goes on
+            except ProviderError as exc:  # a stray file costs nothing; the recovery sweep tries again
                 logger.warning("could not delete stale input file %s of batch %s: %s", file_id, batch_id, exc)
             file_id = None
         if file_id is None:
             file_id = await adapter.upload(path)
-            async with self.db.engine.begin() as conn:
-                await conn.execute(
-                    sa.update(batches)
-                    .where(batches.c.id == batch_id, batches.c.lease_owner == self.owner)
-                    .values(input_file_id=file_id, bytes=size, request_count=count, updated_at=now)
-                )
+            if not await lease.renew(input_file_id=file_id, bytes=size, request_count=count, updated_at=now):
+                # another worker took the batch over while we uploaded: this file is nobody's
+                if file_id is not None:
+                    with contextlib.suppress(ProviderError):
+                        await adapter.delete_file(file_id)
+                raise LeaseLost(f"batch {batch_id}: lease lost during upload")
+        # the last moment before a call that must not happen twice: still ours? Note when create was sent, for
+        # recovery by creation time where batches carry no metadata.
+        await lease.check(submitted_at=self.clock())
         return await adapter.create(
             batch_id=batch_id, endpoint=row["endpoint"], model=row["model"], input_file_id=file_id, path=path
         )
+
+    async def _release_late_jobs(self, batch_id: str, account: str, now: datetime) -> None:
+        """Jobs of an unsent batch whose deadline the batch can no longer meet go back to the queue."""
+        too_late = now + timedelta(seconds=self.turnaround_s(account))
+        async with self.db.engine.begin() as conn:
+            result = await conn.execute(
+                sa.update(jobs)
+                .where(
+                    jobs.c.batch_id == batch_id,
+                    jobs.c.state == JobState.PACKED.value,
+                    jobs.c.not_after.is_not(None),
+                    jobs.c.not_after < too_late,
+                )
+                .values(state=JobState.QUEUED.value, queued_at=now, updated_at=now)
+            )
+        if result.rowcount:
+            logger.info("batch %s: %d job(s) can no longer make their deadline by batch", batch_id, result.rowcount)
 
     async def _write_file(self, batch_id: str, adapter: ProviderAdapter, path: Path) -> tuple[int, int]:
         """Stream the batch's jobs into its input file; memory does not grow with the batch."""
@@ -370,11 +486,14 @@ class Pipeline:
                 .values(state=BatchState.CANCELLED.value, lease_owner=None, lease_expires_at=None, updated_at=now)
             )
 
-    async def _release_submit(self, batch_id: str, now: datetime, exc: ProviderError) -> None:
-        """A submit step failed: back to ``open`` to retry later, or ``failed`` if the provider refused it."""
+    async def _release_submit(self, batch_id: str, now: datetime, exc: ProviderError, *, failures: int) -> None:
+        """A submit step failed: back to ``open`` to retry later, or ``failed`` if the provider refused it.
+
+        The retry waits for the provider's Retry-After, else backs off (doubling per failed attempt, jittered).
+        """
         values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": now}
         if exc.retryable:
-            delay = max(exc.retry_after_s or 0.0, self.settings.poll_min_s)
+            delay = self.retry_delay(failures, exc, base_s=self.settings.poll_min_s, max_s=self.settings.poll_max_s)
             values |= {"state": BatchState.OPEN.value, "next_poll_at": now + timedelta(seconds=delay)}
             logger.warning("submit of batch %s failed, retrying in %.0fs: %s", batch_id, delay, exc)
         else:
@@ -445,7 +564,13 @@ class Pipeline:
     # ------------------------------------------------------------------ poll
 
     async def poll(self, batch_id: str, now: datetime) -> BatchState | None:
-        """Ask the provider how a batch is doing and record it; returns the new state (``None``: not ours now)."""
+        """Ask the provider how a batch is doing and record it; returns the new state (``None``: not ours now).
+
+        A failed retrieve is retried later (the provider's Retry-After, else the poll interval, jittered). One
+        that cannot succeed (not retryable) backs off, and once the batch's status has been unreadable for
+        ``poll_give_up_s`` the batch is given up: cancelled at the provider where possible and failed, so its
+        jobs go back to the queue instead of waiting forever.
+        """
         claimed = await self._claim(batch_id, now, BATCH_AT_PROVIDER, due_only=True)
         if claimed is None:
             return None
@@ -453,10 +578,10 @@ class Pipeline:
         try:
             status = await adapter.retrieve(claimed["provider_batch_id"])
         except ProviderError as exc:
-            delay = max(exc.retry_after_s or 0.0, claimed["poll_interval_s"])
-            logger.warning("poll of batch %s failed, next in %.0fs: %s", batch_id, delay, exc)
-            await self._release(batch_id, now, next_poll_at=now + timedelta(seconds=delay))
-            return BatchState(claimed["state"])
+            return await self._poll_failed(claimed, adapter, now, exc)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release(batch_id, now))
+            raise
         current = BatchState(claimed["state"])
         target = status.state
         if target is not current and target not in BATCH_TRANSITIONS[current]:
@@ -479,13 +604,58 @@ class Pipeline:
         if target in BATCH_TO_COLLECT:
             values["ended_at"] = now
             values["next_poll_at"] = now
+            # from here the interval is the collect's retry back-off
+            values["poll_interval_s"] = self.settings.poll_min_s
         async with self.db.engine.begin() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 sa.update(batches)
                 .where(batches.c.id == batch_id, batches.c.lease_owner == self.owner, batches.c.state == current.value)
                 .values(**values)
             )
+            if result.rowcount == 1 and current is BatchState.VALIDATING and target in _VALIDATED:
+                # the provider took a batch of this model again: a token-limit pause that has run its course
+                # starts over from its base the next time, instead of doubling on from an old streak
+                await conn.execute(
+                    sa.delete(pauses).where(
+                        pauses.c.account == claimed["account"],
+                        pauses.c.model == claimed["model"],
+                        pauses.c.until <= now,
+                    )
+                )
         return target
+
+    async def _poll_failed(
+        self, claimed: Mapping[str, Any], adapter: ProviderAdapter, now: datetime, exc: ProviderError
+    ) -> BatchState:
+        batch_id = claimed["id"]
+        current = BatchState(claimed["state"])
+        interval = claimed["poll_interval_s"]
+        if exc.retryable:
+            delay = self.retry_delay(1, exc, base_s=interval, max_s=interval)
+            logger.warning("poll of batch %s failed, next in %.1fs: %s", batch_id, delay, exc)
+            await self._release(batch_id, now, next_poll_at=now + timedelta(seconds=delay))
+            return current
+        last_seen = claimed["last_polled_at"] or claimed["submitted_at"] or claimed["created_at"]
+        if now - last_seen < timedelta(seconds=self.settings.poll_give_up_s):
+            interval = next_poll_interval(interval, min_s=self.settings.poll_min_s, max_s=self.settings.poll_max_s)
+            delay = self.retry_delay(1, exc, base_s=interval, max_s=interval)
+            logger.warning("poll of batch %s failed (not retryable), next in %.1fs: %s", batch_id, delay, exc)
+            await self._release(batch_id, now, poll_interval_s=interval, next_poll_at=now + timedelta(seconds=delay))
+            return current
+        logger.error("batch %s: status unreadable since %s, giving it up: %s", batch_id, last_seen, exc)
+        with contextlib.suppress(ProviderError):
+            # it may still run there; nobody would collect it
+            await adapter.cancel(claimed["provider_batch_id"])
+        await self._release(
+            batch_id,
+            now,
+            state=BatchState.FAILED.value,
+            errors=[{"code": RETRIEVE_FAILED, "message": str(exc), "line": None, "param": None}],
+            ended_at=now,
+            next_poll_at=now,
+            poll_interval_s=self.settings.poll_min_s,
+        )
+        return BatchState.FAILED
 
     async def _claim(
         self, batch_id: str, now: datetime, states: frozenset[BatchState], *, due_only: bool
@@ -526,355 +696,13 @@ class Pipeline:
         claimed = await self._claim(batch_id, now, BATCH_TO_COLLECT, due_only=False)
         if claimed is None:
             return None
-        state = BatchState(claimed["state"])
-        report = CollectReport()
-        errors = claimed["errors"] or []
-        if state is BatchState.FAILED and any(e.get("code") == TOKEN_LIMIT for e in errors):
-            await self._requeue_token_limited(claimed, now, report)
-        elif state is BatchState.FAILED:
-            await self._settle_failed_batch(claimed, now, report)
-        elif claimed["provider_batch_id"] is None:
-            # never reached the provider (every job was cancelled while it was open): no results to read
-            await self._settle_leftovers(claimed, now, report)
-        else:
-            adapter = self.adapter(claimed["account"])
-            try:
-                await self._settle_results(claimed, adapter, now, report)
-            except ProviderError as exc:
-                if exc.retryable:
-                    delay = max(exc.retry_after_s or 0.0, self.settings.poll_min_s)
-                    logger.warning("collect of batch %s failed, retrying in %.0fs: %s", batch_id, delay, exc)
-                    await self._release(batch_id, now, next_poll_at=now + timedelta(seconds=delay))
-                    return None
-                # the results cannot be read, now or later (e.g. the output file is gone): retrying would
-                # keep the batch, and its jobs, stuck forever. What did not settle is treated as missing.
-                logger.error("results of batch %s cannot be read, settling the rest as missing: %s", batch_id, exc)
-            await self._settle_leftovers(claimed, now, report)
-        async with self.db.engine.begin() as conn:
-            counts: dict[str, int] = {
-                state: count
-                for state, count in await conn.execute(
-                    sa.select(jobs.c.state, sa.func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.state)
-                )
-            }
-            report.succeeded = counts.get(JobState.SUCCEEDED.value, 0)
-            report.failed = counts.get(JobState.FAILED.value, 0)
-            report.cancelled = counts.get(JobState.CANCELLED.value, 0)
-            report.requeued = counts.get(JobState.QUEUED.value, 0)
-            # per job, not per result line (a line may repeat, and a collect resumed after a crash re-reads
-            # lines an earlier one settled); the error names the batch, so an older attempt's expiry is not
-            # counted here
-            report.expired = int(
-                await conn.scalar(
-                    sa.select(sa.func.count()).where(
-                        jobs.c.batch_id == batch_id,
-                        jobs.c.state.in_([JobState.QUEUED.value, JobState.FAILED.value]),
-                        jobs.c.error_code == "expired",
-                        jobs.c.error["batch_id"].as_string() == batch_id,
-                    )
-                )
-                or 0
-            )
-            await conn.execute(
-                sa.update(batches)
-                .where(batches.c.id == batch_id, batches.c.lease_owner == self.owner)
-                .values(
-                    state=BatchState.COLLECTED.value,
-                    collected_at=now,
-                    succeeded=report.succeeded,
-                    failed=report.failed + report.requeued - report.expired,
-                    expired=report.expired,
-                    cancelled=report.cancelled,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    next_poll_at=None,
-                    updated_at=now,
-                )
-            )
-        logger.info("batch %s collected: %s", batch_id, report)
-        return report
-
-    async def _settle_results(
-        self, batch: Mapping[str, Any], adapter: ProviderAdapter, now: datetime, report: CollectReport
-    ) -> None:
-        status = _status_from_row(batch)
-        chunk: list[Outcome] = []
-        async for outcome in adapter.results(status):
-            chunk.append(outcome)
-            if len(chunk) >= self.settings.settle_chunk:
-                await self._settle_chunk(batch, chunk, now, report)
-                chunk = []
-                await self._extend_lease(batch["id"], now)
-        if chunk:
-            await self._settle_chunk(batch, chunk, now, report)
-
-    async def _extend_lease(self, batch_id: str, now: datetime) -> None:
-        async with self.db.engine.begin() as conn:
-            await conn.execute(
-                sa.update(batches)
-                .where(batches.c.id == batch_id, batches.c.lease_owner == self.owner)
-                .values(lease_expires_at=self._lease_until(self.clock()))
-            )
-
-    async def _settle_chunk(
-        self, batch: Mapping[str, Any], outcomes: list[Outcome], now: datetime, report: CollectReport
-    ) -> None:
-        """Settle one chunk of outcomes in one transaction.
-
-        Each UPDATE is guarded by ``batch_id`` and ``state = 'submitted'``: a duplicate line, a line for a
-        job of another batch, or a line settled by an earlier (crashed) collect changes nothing.
-        """
-        batch_id = batch["id"]
-        cancelled_batch = batch["state"] == BatchState.CANCELLED.value
-        succeeded: list[dict[str, Any]] = []
-        failed: list[dict[str, Any]] = []
-        retry: list[dict[str, Any]] = []
-        cancelled: list[str] = []
-        report.results += len(outcomes)
-        seen: set[str] = set()
-        for o in outcomes:
-            # a repeated line is waste: the first one settles the job (as it would in an earlier chunk)
-            if o.custom_id in seen:
-                continue
-            seen.add(o.custom_id)
-            if o.kind is OutcomeKind.SUCCEEDED:
-                succeeded.append({"b_id": o.custom_id, "b_result": o.body, "b_usage": o.usage})
-                continue
-            expired = o.kind is OutcomeKind.EXPIRED
-            if o.kind is OutcomeKind.CANCELLED or (cancelled_batch and (expired or o.retryable)):
-                # the batch was cancelled: what did not finish is cancelled, never sent again
-                cancelled.append(o.custom_id)
-                continue
-            code = "expired" if expired else (o.error_code or "error")
-            error = {"code": code, "message": o.error_message, "status_code": o.status_code, "batch_id": batch_id}
-            entry = {"b_id": o.custom_id, "b_code": code[:64], "b_error": error}
-            (retry if o.retryable or expired else failed).append(entry)
-        entries = self._ledger_params(batch, succeeded, failed, cancelled)
-        exhausted = [entry_params(e["b_id"], None, ZERO_COST) for e in retry]
-        guard = sa.and_(
-            jobs.c.id == sa.bindparam("b_id"), jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value
-        )
-        error_values = {
-            "error_code": sa.bindparam("b_code"),
-            "error": sa.bindparam("b_error", type_=jobs.c.error.type),
-            "updated_at": now,
-        }
-        async with self.db.engine.begin() as conn:
-            # the ledger first, from the rows still ``submitted``: a job settled before writes nothing
-            if entries:
-                await conn.execute(entries_from_batch(self.db, batch_id, mode="batch", now=now), entries)
-            if exhausted:
-                used_up = jobs.c.attempts >= self.settings.max_attempts
-                await conn.execute(
-                    entries_from_batch(self.db, batch_id, mode="batch", now=now, only=used_up), exhausted
-                )
-            if succeeded:
-                await conn.execute(
-                    sa.update(jobs)
-                    .where(guard)
-                    .values(
-                        state=JobState.SUCCEEDED.value,
-                        result=sa.bindparam("b_result"),
-                        usage=sa.bindparam("b_usage", type_=jobs.c.usage.type),
-                        error=None,
-                        error_code=None,
-                        settled_at=now,
-                        updated_at=now,
-                    ),
-                    succeeded,
-                )
-            if failed:
-                await conn.execute(
-                    sa.update(jobs).where(guard).values(state=JobState.FAILED.value, settled_at=now, **error_values),
-                    failed,
-                )
-            if retry:
-                # retryable failures go back to the queue while attempts remain; the rest fail
-                await conn.execute(
-                    sa.update(jobs)
-                    .where(guard, jobs.c.attempts < self.settings.max_attempts)
-                    .values(state=JobState.QUEUED.value, queued_at=now, **error_values),
-                    retry,
-                )
-                await conn.execute(
-                    sa.update(jobs).where(guard).values(state=JobState.FAILED.value, settled_at=now, **error_values),
-                    retry,
-                )
-            for ids in _ids(cancelled):
-                await conn.execute(
-                    sa.update(jobs)
-                    .where(jobs.c.id.in_(ids), jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
-                    .values(state=JobState.CANCELLED.value, settled_at=now, updated_at=now)
-                )
-
-    def _ledger_params(
-        self,
-        batch: Mapping[str, Any],
-        succeeded: list[dict[str, Any]],
-        failed: list[dict[str, Any]],
-        cancelled: list[str],
-    ) -> list[dict[str, Any]]:
-        """Ledger bind parameters for the outcomes that settle a job for good; only successes are billed."""
-        provider = self.price_provider(batch["account"])
-        entries = []
-        for s in succeeded:
-            usage = normalize_usage(batch["provider"], s["b_usage"])
-            cost = self.prices.cost(provider, batch["model"], usage, mode="batch")
-            entries.append(entry_params(s["b_id"], usage, cost))
-        entries.extend(entry_params(f["b_id"], None, ZERO_COST) for f in failed)
-        entries.extend(entry_params(job_id, None, ZERO_COST) for job_id in cancelled)
-        return entries
-
-    async def _settle_leftovers(self, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
-        """Jobs of the batch that got no result line: cancelled with a cancelled batch, else retried."""
-        batch_id = batch["id"]
-        in_batch = sa.and_(jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
-        async with self.db.engine.begin() as conn:
-            if batch["state"] == BatchState.CANCELLED.value:
-                result = await conn.execute(
-                    sa.update(jobs)
-                    .where(in_batch)
-                    .values(state=JobState.CANCELLED.value, settled_at=now, updated_at=now)
-                )
-                report.cancelled += result.rowcount
-                return
-            code = "expired" if batch["state"] == BatchState.EXPIRED.value else "missing_result"
-            error = {"code": code, "message": "the provider returned no result for this request", "batch_id": batch_id}
-            requeued = await conn.execute(
-                sa.update(jobs)
-                .where(in_batch, jobs.c.attempts < self.settings.max_attempts)
-                .values(state=JobState.QUEUED.value, error_code=code, error=error, queued_at=now, updated_at=now)
-            )
-            failed = await conn.execute(
-                sa.update(jobs)
-                .where(in_batch)
-                .values(state=JobState.FAILED.value, error_code=code, error=error, settled_at=now, updated_at=now)
-            )
-        report.missing += requeued.rowcount + failed.rowcount
-        if report.missing:
-            logger.warning("batch %s: %d job(s) had no result line", batch_id, report.missing)
-
-    async def _requeue_token_limited(self, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
-        """The provider's enqueued-token cap failed the batch: not the jobs' fault. Requeue them, pause the model."""
-        batch_id = batch["id"]
-        async with self.db.engine.begin() as conn:
-            result = await conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.batch_id == batch_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value]))
-                .values(
-                    state=JobState.QUEUED.value,
-                    # the attempt that never ran is given back
-                    attempts=sa.case(
-                        (jobs.c.state == JobState.SUBMITTED.value, jobs.c.attempts - 1), else_=jobs.c.attempts
-                    ),
-                    queued_at=now,
-                    updated_at=now,
-                )
-            )
-            report.requeued += result.rowcount
-            previous = await conn.scalar(
-                sa.select(pauses.c.backoff_s).where(
-                    pauses.c.account == batch["account"], pauses.c.model == batch["model"]
-                )
-            )
-            backoff = pause_backoff(previous, base_s=self.settings.token_limit_pause_s)
-            until = now + timedelta(seconds=backoff)
-            values = {"account": batch["account"], "model": batch["model"], "until": until, "backoff_s": backoff}
-            stmt = self.db.insert(pauses).values(**values, reason=TOKEN_LIMIT)
-            await conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["account", "model"], set_={"until": until, "backoff_s": backoff}
-                )
-            )
-        logger.warning(
-            "batch %s hit the token limit: %d job(s) requeued, %s/%s paused %.0fs",
-            batch_id,
-            report.requeued,
-            batch["account"],
-            batch["model"],
-            backoff,
-        )
-
-    async def _settle_failed_batch(self, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
-        """A batch the provider failed as a whole.
-
-        Errors that name a line fail that line's job with the provider's message; the other jobs were not
-        at fault and go back to the queue with their attempt given back. Without any line errors the
-        batch's failure counts as an attempt for every job.
-        """
-        batch_id = batch["id"]
-        errors = [e for e in (batch["errors"] or []) if isinstance(e, dict)]
-        line_errors = {int(e["line"]): e for e in errors if isinstance(e.get("line"), int) and e["line"] >= 1}
-        async with self.db.engine.begin() as conn:
-            # the file held the batch's jobs that were still packed when it was written, in id order; those
-            # are the submitted ones now (jobs cancelled while the batch was open were not in it)
-            ordered = [
-                r[0]
-                for r in await conn.execute(
-                    sa.select(jobs.c.id)
-                    .where(jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
-                    .order_by(jobs.c.id)
-                )
-            ]
-            bad = {ordered[line - 1]: e for line, e in line_errors.items() if line <= len(ordered)}
-            for job_id, e in bad.items():
-                code = str(e.get("code") or "invalid_request")[:64]
-                error = {"code": code, "message": e.get("message"), "line": e.get("line"), "batch_id": batch_id}
-                result = await conn.execute(
-                    sa.update(jobs)
-                    .where(jobs.c.id == job_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value]))
-                    .values(state=JobState.FAILED.value, error_code=code, error=error, settled_at=now, updated_at=now)
-                )
-                report.failed += result.rowcount
-            first = errors[0] if errors else {"code": "batch_failed", "message": "the provider failed the batch"}
-            error = {
-                "code": str(first.get("code") or "batch_failed")[:64],
-                "message": first.get("message"),
-                "batch_id": batch_id,
-            }
-            in_batch = sa.and_(
-                jobs.c.batch_id == batch_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value])
-            )
-            if bad:
-                give_back = sa.case(
-                    (jobs.c.state == JobState.SUBMITTED.value, jobs.c.attempts - 1), else_=jobs.c.attempts
-                )
-                result = await conn.execute(
-                    sa.update(jobs)
-                    .where(in_batch)
-                    .values(state=JobState.QUEUED.value, attempts=give_back, queued_at=now, updated_at=now)
-                )
-                report.requeued += result.rowcount
-                return
-            # jobs still packed were refused at submit and never counted an attempt: count it now, or a batch
-            # the provider always refuses would be packed and refused forever
-            counted = sa.case((jobs.c.state == JobState.PACKED.value, jobs.c.attempts + 1), else_=jobs.c.attempts)
-            requeued = await conn.execute(
-                sa.update(jobs)
-                .where(in_batch, counted < self.settings.max_attempts)
-                .values(
-                    state=JobState.QUEUED.value,
-                    attempts=counted,
-                    error_code=error["code"],
-                    error=error,
-                    queued_at=now,
-                    updated_at=now,
-                )
-            )
-            failed = await conn.execute(
-                sa.update(jobs)
-                .where(in_batch)
-                .values(
-                    state=JobState.FAILED.value,
-                    attempts=counted,
-                    error_code=error["code"],
-                    error=error,
-                    settled_at=now,
-                    updated_at=now,
-                )
-            )
-            report.requeued += requeued.rowcount
-            report.failed += failed.rowcount
+        try:
+            async with self._lease(batch_id, now):
+                return await settle.collect_claimed(self, claimed, now)
+        except asyncio.CancelledError:
+            # shutting down: what is settled stays settled; the next worker reads the rest at once
+            await asyncio.shield(self._release(batch_id, now))
+            raise
 
     # ------------------------------------------------------------ scheduling
 
@@ -882,7 +710,9 @@ class Pipeline:
         """Batches whose next step is due: open ones to submit, running ones to poll, ended ones to collect."""
         free = sa.or_(batches.c.lease_owner.is_(None), batches.c.lease_expires_at < now)
         due_time = sa.or_(batches.c.next_poll_at.is_(None), batches.c.next_poll_at <= now)
-        query = sa.select(batches.c.id, batches.c.state).where(
+        query = sa.select(
+            batches.c.id, batches.c.state, batches.c.next_poll_at, batches.c.lease_expires_at, batches.c.submit_attempts
+        ).where(
             # another worker's accounts: claiming them here would only hold their lease and fail
             batches.c.account.in_(sorted(self.adapters)),
             free,
@@ -896,7 +726,8 @@ class Pipeline:
         )
         out = Due()
         async with self.db.engine.connect() as conn:
-            for batch_id, state in await conn.execute(query):
+            for batch_id, state, next_poll_at, lease_expires_at, submit_attempts in await conn.execute(query):
+                out.keys[batch_id] = f"{state}-{_stamp(next_poll_at)}-{_stamp(lease_expires_at)}-{submit_attempts}"
                 if state in (BatchState.OPEN.value, BatchState.SUBMITTING.value):
                     out.submit.append(batch_id)
                 elif state in state_values(BATCH_AT_PROVIDER):
@@ -911,7 +742,7 @@ class Pipeline:
             active_job = await conn.scalar(
                 sa.select(jobs.c.id)
                 .where(
-                    jobs.c.state.in_(state_values({JobState.QUEUED, JobState.PACKED, JobState.SUBMITTED})),
+                    jobs.c.state.in_(state_values(JOB_ACTIVE)),
                     # queued jobs of an account this worker does not serve are another worker's business
                     jobs.c.account.in_(sorted(self.adapters)),
                 )
@@ -939,6 +770,45 @@ class Pipeline:
         if not candidates:
             return None
         return max(0.0, (min(candidates) - now).total_seconds())
+
+    # ------------------------------------------------------------- deadlines
+
+    async def sweep_deadlines(self, now: datetime) -> list[str]:
+        """Enforce deadlines on jobs not yet at a provider; returns the accounts with real-time work to do.
+
+        See :func:`batcher.fallback.sweep`.
+        """
+        return await fallback.sweep(self, now)
+
+    async def run_fallback(self, account: str, now: datetime) -> fallback.FallbackReport:
+        """Send a share of ``account``'s jobs a batch cannot return in time to its real-time API and settle them.
+
+        See :func:`batcher.fallback.run`.
+        """
+        return await fallback.run(self, account, now)
+
+    # -------------------------------------------------------------- recovery
+
+    async def recover(self, account: str, now: datetime) -> SweepReport:
+        """Cancel orphan provider batches and delete unused uploads of ``account`` (:func:`batcher.recovery.sweep`).
+
+        Only an account with batches in the last two days is asked (what is older is past every provider's batch
+        window); a failed listing is logged and left to the next sweep.
+        """
+        adapter = self.adapter(account)
+        async with self.db.engine.connect() as conn:
+            recent = await conn.scalar(
+                sa.select(batches.c.id)
+                .where(batches.c.account == account, batches.c.created_at >= now - RECOVERY_WINDOW)
+                .limit(1)
+            )
+        if recent is None:
+            return SweepReport(account)
+        try:
+            return await recovery.sweep(self.db, adapter, now=now, lease_s=self.settings.lease_s)
+        except ProviderError as exc:
+            logger.warning("recovery sweep of %s failed, next time then: %s", account, exc)
+            return SweepReport(account)
 
     # ---------------------------------------------------------------- cancel
 
@@ -1009,6 +879,10 @@ class Pipeline:
         return True
 
 
+def _stamp(at: datetime | None) -> str:
+    return "-" if at is None else str(int(at.timestamp() * 1000))
+
+
 class _RaceLost(Exception):
     """Another worker changed the rows between our read and our write; the transaction is rolled back."""
 
@@ -1021,15 +895,3 @@ def _status_values(status: BatchStatus, now: datetime) -> dict[str, Any]:
     if status.errors:
         values["errors"] = status.errors
     return values
-
-
-def _status_from_row(batch: Mapping[str, Any]) -> BatchStatus:
-    return BatchStatus(
-        provider_batch_id=batch["provider_batch_id"],
-        state=BatchState(batch["state"]),
-        provider_state=batch["provider_state"] or "",
-        output_file_id=batch["output_file_id"],
-        error_file_id=batch["error_file_id"],
-        results_ref=batch["output_file_id"],
-        errors=list(batch["errors"] or []),
-    )

@@ -4,6 +4,9 @@ Jobs are grouped by provider, account, endpoint and model (one model per batch i
 provider's rule, and it keeps price lookup per batch trivial). A group is flushed when it fills a batch,
 when its oldest job has waited ``max_wait_s``, when a job's deadline needs the batch to start now, or
 when the caller forces it (burst mode: no more work is coming).
+
+Also the other small policies the lifecycle asks of plain data: poll and pause back-off, and the delay before a
+failed provider call is tried again.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def flush_reason(
     *,
     max_wait_s: float,
     turnaround_s: float,
+    lead_s: float = 0.0,
     force: bool = False,
 ) -> FlushReason | None:
     """Why the group should be packed now, or ``None`` to let it wait for more jobs.
@@ -70,7 +74,8 @@ def flush_reason(
         now: the current time.
         max_wait_s: how long the oldest job may wait for company.
         turnaround_s: how long a batch is expected to take at this provider; a job whose deadline is
-            nearer than that cannot wait any longer.
+            nearer than that (plus ``lead_s``) cannot wait any longer.
+        lead_s: how long before that last moment to flush, for the time packing and submitting take.
         force: pack whatever is there.
     """
     if stats.count <= 0:
@@ -79,7 +84,10 @@ def flush_reason(
         return FlushReason.FULL
     if force:
         return FlushReason.FORCED
-    if stats.earliest_deadline is not None and stats.earliest_deadline - timedelta(seconds=turnaround_s) <= now:
+    if (
+        stats.earliest_deadline is not None
+        and stats.earliest_deadline - timedelta(seconds=turnaround_s + lead_s) <= now
+    ):
         return FlushReason.DEADLINE
     if now - stats.oldest_queued_at >= timedelta(seconds=max_wait_s):
         return FlushReason.MAX_WAIT
@@ -125,3 +133,27 @@ def pause_backoff(previous_s: float | None, *, base_s: float, max_s: float = 6 *
     if previous_s is None or previous_s <= 0:
         return base_s
     return min(previous_s * 2, max_s)
+
+
+def retry_delay(
+    failures: int, *, base_s: float, max_s: float, retry_after_s: float | None, jitter: float, spread: float
+) -> float:
+    """Seconds to wait before trying a failed provider call again.
+
+    A ``Retry-After`` the provider sent is honoured as given (never less than ``base_s``). Otherwise the delay
+    doubles with each failure in a row, from ``base_s`` up to ``max_s``, and a random share of up to ``spread``
+    of it is added on top, so that workers that failed together do not all come back at the same moment.
+
+    Args:
+        failures: failures in a row, this one included (1 for the first).
+        base_s: the first delay.
+        max_s: the longest delay before jitter.
+        retry_after_s: the provider's Retry-After, if it sent one.
+        jitter: a random number in ``[0, 1)`` (the caller's ``random.random()``).
+        spread: the largest share added (0 for none).
+    """
+    if retry_after_s is not None:
+        return max(retry_after_s, base_s)
+    exponent = min(max(failures, 1) - 1, 30)
+    delay = min(max_s, base_s * 2.0**exponent)
+    return delay * (1 + spread * jitter)

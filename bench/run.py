@@ -18,12 +18,13 @@ import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # in place of this script's own folder, whose ``http.py`` would shadow the standard library's ``http``
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import Result, write_results
 
 #: benchmark modules, ``bench/<name>.py``, in the order they run
-BENCHES: list[str] = ["intake", "pack", "collect", "e2e", "savings"]
+BENCHES: list[str] = ["intake", "pack", "collect", "e2e", "savings", "http"]
 
 
 def main(argv: list[str] | None = None) -> int:

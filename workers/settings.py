@@ -2,6 +2,11 @@
 
 arq is imported only in this package. Long waits never become deferred queue messages: a batch's next
 poll lives in its row (``next_poll_at``) and the tick, every few seconds, queues what is due.
+
+The runner survives Redis going away (a restart, a failover): the worker loop is started again once Redis
+answers, and the tick re-derives every task from the database. On SIGTERM (or SIGINT) it stops taking tasks,
+lets running ones finish for ``shutdown_grace_s``, then cancels the rest — each releases what it held (its
+batch's lease, its real-time jobs) on the way out — and returns.
 """
 
 from __future__ import annotations
@@ -9,17 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import signal
 from typing import Any
 
 from arq import cron
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Function, Worker, func
+from redis.exceptions import RedisError
 
 from batcher.config import Settings
 from batcher.embedded import EmbeddedRedis
 from batcher.lifecycle import Pipeline
 from batcher.timeutil import utcnow
 from workers import tasks
+from workers.webhooks import webhook_crons
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +37,12 @@ FUNCTIONS: list[Function] = [
     func(tasks.submit_batch, name="submit_batch", keep_result=0, max_tries=3),
     func(tasks.poll_batch, name="poll_batch", keep_result=0, max_tries=3),
     func(tasks.collect_batch, name="collect_batch", keep_result=0, max_tries=3, timeout=3600),
+    func(tasks.run_fallback, name="run_fallback", keep_result=0, max_tries=3, timeout=1800),
+    func(tasks.recover_account, name="recover_account", keep_result=0, max_tries=1, timeout=600),
 ]
+
+#: seconds a stopping worker waits for its cancelled tasks to release what they hold
+RELEASE_WAIT_S = 2.0
 
 
 def cron_jobs(settings: Settings) -> list[Any]:
@@ -41,12 +55,14 @@ def cron_jobs(settings: Settings) -> list[Any]:
             run_at_startup=True,
             keep_result=0,
             unique=True,
-        )
+        ),
+        *webhook_crons(settings),
     ]
 
 
 async def run_worker(settings: Settings, *, burst: bool = False, pipeline: Pipeline | None = None) -> None:
-    """Run the worker until stopped, or in burst mode until no work is left.
+    """Run the worker until stopped (SIGTERM, SIGINT, or the caller cancelling it), or in burst mode until no
+    work is left.
 
     With ``settings.redis_url`` unset a private embedded redis-server is started and stopped around it.
 
@@ -54,6 +70,9 @@ async def run_worker(settings: Settings, *, burst: bool = False, pipeline: Pipel
         settings: configuration.
         burst: pack every queued group at once and return when nothing is left to do.
         pipeline: use this pipeline (tests, the demo) instead of building one from settings.
+
+    Raises:
+        ConfigError: e.g. a second worker on one SQLite database.
     """
     async with contextlib.AsyncExitStack() as stack:
         url = settings.redis_url
@@ -67,45 +86,109 @@ async def run_worker(settings: Settings, *, burst: bool = False, pipeline: Pipel
             ctx["pipeline"] = pipeline
         await tasks.startup(ctx)
         stack.push_async_callback(tasks.shutdown, ctx)
+        runner = _Runner(settings, ctx, pool)
         if burst:
-            await _run_burst(ctx, pool)
+            await runner.burst()
         else:
-            await _run_forever(settings, ctx, pool)
+            await runner.forever()
 
 
-async def _run_burst(ctx: dict[str, Any], pool: ArqRedis) -> None:
-    pipeline: Pipeline = ctx["pipeline"]
-    ctx["force_pack"] = True
-    while True:
-        await tasks.tick(ctx)
+class _Runner:
+    """Runs arq workers one after another: again after Redis was lost, and not again after a stop signal."""
+
+    def __init__(self, settings: Settings, ctx: dict[str, Any], pool: ArqRedis) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.pool = pool
+        self.stopping = asyncio.Event()
+
+    def _worker(self, **kwargs: Any) -> Worker:
         worker = Worker(
             functions=FUNCTIONS,
-            redis_pool=pool,
-            burst=True,
-            ctx=ctx,
-            handle_signals=False,
-            poll_delay=0.05,
+            redis_pool=self.pool,
+            ctx=self.ctx,
+            handle_signals=True,
+            # SIGTERM/SIGINT: stop picking tasks, let running ones finish this long, then cancel them
+            job_completion_wait=max(1, math.floor(self.settings.shutdown_grace_s)),
             max_jobs=16,
             keep_result=0,
             job_timeout=3600,
+            **kwargs,
         )
-        await worker.main()
-        if not await pipeline.pending():
+        worker.on_stop = self._on_stop
+        return worker
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        logger.info("worker stopping on %s", sig.name)
+        self.stopping.set()
+
+    async def _run(self, worker: Worker) -> bool:
+        """Run one arq worker; ``True`` to run another (Redis was lost), ``False`` when done or stopped."""
+        try:
+            await worker.async_run()
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                # our caller cancelled us, not a signal: stop what runs, let it release, go on being cancelled
+                for task in worker.tasks.values():
+                    task.cancel()
+                await _wait(worker)
+                raise
+            await _wait(worker)
+            return False
+        except (RedisError, OSError) as exc:
+            for task in worker.tasks.values():
+                # their work is done or given up in the database; arq's own bookkeeping may fail without Redis
+                task.add_done_callback(_quietly)
+            if self.stopping.is_set():
+                return False
+            logger.warning("lost Redis (%s); running tasks go on, the worker waits for it to come back", exc)
+            await self._wait_for_redis()
+            return not self.stopping.is_set()
+        return False
+
+    async def _wait_for_redis(self) -> None:
+        """Until Redis answers again (or a stop signal), at least a moment: a Redis that answers PING but fails
+        the worker's commands must not make the loop spin."""
+        delay = 0.2
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            try:
+                await self.pool.ping()
+            except (RedisError, OSError):
+                delay = min(delay * 2, 5.0)
+                continue
+            logger.info("Redis is back; the tick re-derives the queue from the database")
             return
-        wait_s = await pipeline.next_due_in(utcnow())
-        await asyncio.sleep(min(max(wait_s if wait_s is not None else 0.5, 0.05), pipeline.settings.tick_s))
+
+    async def forever(self) -> None:
+        while await self._run(self._worker(cron_jobs=cron_jobs(self.settings))):
+            pass
+
+    async def burst(self) -> None:
+        pipeline: Pipeline = self.ctx["pipeline"]
+        self.ctx["force_pack"] = True
+        while not self.stopping.is_set():
+            try:
+                await tasks.tick(self.ctx)
+            except (RedisError, OSError) as exc:
+                logger.warning("tick failed (%s); waiting for Redis", exc)
+                await self._wait_for_redis()
+                continue
+            if await self._run(self._worker(burst=True, poll_delay=0.05)):
+                continue
+            if self.stopping.is_set() or not await pipeline.pending():
+                return
+            wait_s = await pipeline.next_due_in(utcnow())
+            await asyncio.sleep(min(max(wait_s if wait_s is not None else 0.5, 0.05), pipeline.settings.tick_s))
 
 
-async def _run_forever(settings: Settings, ctx: dict[str, Any], pool: ArqRedis) -> None:
-    worker = Worker(
-        functions=FUNCTIONS,
-        cron_jobs=cron_jobs(settings),
-        redis_pool=pool,
-        ctx=ctx,
-        handle_signals=True,
-        max_jobs=16,
-        keep_result=0,
-        job_timeout=3600,
-    )
-    with contextlib.suppress(asyncio.CancelledError):
-        await worker.async_run()
+def _quietly(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.info("a task of the worker that lost Redis ended with %r", exc)
+
+
+async def _wait(worker: Worker) -> None:
+    running = [task for task in worker.tasks.values() if not task.done()]
+    if running:
+        await asyncio.wait(running, timeout=RELEASE_WAIT_S)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from batcher.cli import batch_cmds, db_cmds, jobs_cmds, ledger_cmds, run_cmds
+from batcher.cli import api_cmds, batch_cmds, db_cmds, jobs_cmds, ledger_cmds, run_cmds
 from batcher.cli.app import app
 
 __all__ = ["app", "main"]
-_COMMANDS = (batch_cmds, db_cmds, jobs_cmds, ledger_cmds, run_cmds)
+_COMMANDS = (api_cmds, batch_cmds, db_cmds, jobs_cmds, ledger_cmds, run_cmds)
 
 
 def main() -> None:

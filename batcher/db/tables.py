@@ -1,4 +1,4 @@
-"""The schema: jobs, batches, ledger entries and provider pauses.
+"""The schema: jobs, batches, ledger entries, provider pauses, and the HTTP API's tenants, keys and webhooks.
 
 The ORM metadata is the source of truth; migrations are checked against it. States are enforced twice:
 in code (``batcher.domain`` transition tables) and here (CHECK constraints, unique keys).
@@ -78,6 +78,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _in(column: str, values: list[str]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _where(condition: str) -> dict[str, Any]:
+    """Keyword arguments that make an index partial on both engines."""
+    return {"sqlite_where": sa.text(condition), "postgresql_where": sa.text(condition)}
 
 
 class Base(DeclarativeBase):
@@ -161,6 +166,14 @@ class Job(Base):
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: the HTTP API tenant that enqueued the job; ``None`` for the CLI and Python doors. (No foreign key:
+    #: tenants are never deleted, and intake stays one INSERT without a lookup per row.)
+    tenant: Mapped[str | None] = mapped_column(sa.String(64))
+    #: where the result is POSTed when the job settles; cleared once that delivery is scheduled (the delivery
+    #: row keeps the URL), so the partial index below holds exactly the settled jobs whose webhook is due
+    callback_url: Mapped[str | None] = mapped_column(sa.String(2048))
+    #: the job's expected cost at the batch price, for tenants with a monthly budget (``batcher.tenants``)
+    estimate_usd: Mapped[Decimal | None] = mapped_column(Money())
 
     __table_args__ = (
         sa.CheckConstraint(_in("state", state_values(JobState)), name="state"),
@@ -177,6 +190,9 @@ class Job(Base):
         sa.Index(None, "state", "account", "endpoint", "model"),
         sa.Index(None, "batch_id", "state"),
         sa.Index(None, "run", "state"),
+        # partial: jobs of the CLI and Python doors (no tenant) cost these indexes nothing
+        sa.Index(None, "tenant", "state", **_where("tenant IS NOT NULL")),
+        sa.Index("ix_jobs_callback_due", "settled_at", **_where("callback_url IS NOT NULL AND settled_at IS NOT NULL")),
     )
 
 
@@ -233,8 +249,135 @@ class Pause(Base):
     reason: Mapped[str] = mapped_column(sa.String(200))
 
 
+class Tenant(Base):
+    """A producer of the HTTP API: its webhook secret and its limits."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    #: signs its webhooks (HMAC-SHA256); kept in the clear because signing needs it
+    webhook_secret: Mapped[str] = mapped_column(sa.String(128))
+    #: most jobs not yet settled at once; ``None``: no limit
+    max_queued_jobs: Mapped[int | None] = mapped_column(sa.Integer)
+    #: dollars per calendar month (UTC), ledger spend plus the estimate of unsettled jobs; ``None``: no budget
+    monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        sa.CheckConstraint("max_queued_jobs IS NULL OR max_queued_jobs >= 0", name="max_queued_jobs"),
+        sa.CheckConstraint("monthly_budget_usd IS NULL OR monthly_budget_usd >= 0", name="monthly_budget_usd"),
+    )
+
+
+class ApiKey(Base):
+    """An API key of a tenant. Only the key's SHA-256 is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.ForeignKey("tenants.name"))
+    key_hash: Mapped[str] = mapped_column(sa.String(64))
+    #: the key's first characters, to tell keys apart in listings
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    #: may read the operator's ``/metrics``
+    admin: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (sa.UniqueConstraint("key_hash"), sa.Index(None, "tenant"))
+
+
+class IdempotencyKey(Base):
+    """The first answer to a POST that carried an ``Idempotency-Key``; a retry gets it again."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    #: SHA-256 of method, path and body: the same key with another request is refused
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[int] = mapped_column(sa.Integer)
+    #: the response body (JSON text)
+    response: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (sa.Index(None, "created_at"),)
+
+
+class TenantRun(Base):
+    """A run of an API tenant (``run`` is the stored, tenant-prefixed name) and its optional callback.
+
+    The run callback fires when every job of the run has settled. Intake bumps ``arm_seq`` (and sets ``armed``)
+    in the same transaction that adds jobs to a run with a callback; the scheduler clears ``armed`` only with
+    ``WHERE arm_seq = :seen``, so jobs added while it looked are never missed.
+    """
+
+    __tablename__ = "tenant_runs"
+
+    run: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.ForeignKey("tenants.name"))
+    callback_url: Mapped[str | None] = mapped_column(sa.String(2048))
+    armed: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    arm_seq: Mapped[int] = mapped_column(sa.Integer, default=0)
+    #: how many jobs the run held when its callback last fired
+    notified_jobs: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (sa.Index(None, "tenant", "run"), sa.Index(None, "armed"))
+
+
+class WebhookDelivery(Base):
+    """One webhook: a settled job's result or a settled run's summary, POSTed (signed) until it lands or 24 h pass.
+
+    ``job_id`` is unique (one delivery per job) and so is ``(run, run_jobs)`` (one per time a run settles), so
+    a scheduler that runs twice schedules nothing twice. ``attempts`` is bumped when a sender claims the row and
+    the outcome is written ``WHERE attempts = :claimed``, so a sender that lost its claim records nothing.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(sa.ForeignKey("tenants.name"))
+    #: ``job.settled`` or ``run.settled``
+    event: Mapped[str] = mapped_column(sa.String(32))
+    job_id: Mapped[str | None] = mapped_column(sa.ForeignKey("jobs.id"))
+    run: Mapped[str | None] = mapped_column(sa.String(200))
+    run_jobs: Mapped[int | None] = mapped_column(sa.Integer)
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    #: the JSON body, fixed at scheduling so every attempt sends the same bytes
+    payload: Mapped[str] = mapped_column(sa.Text)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: the receiver's HTTP status on the last attempt (``None``: no answer)
+    last_status: Mapped[int | None] = mapped_column(sa.Integer)
+    last_error: Mapped[str | None] = mapped_column(sa.String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("state", ["delivered", "failed", "pending"]), name="state"),
+        sa.CheckConstraint(_in("event", ["job.settled", "run.settled"]), name="event"),
+        sa.CheckConstraint("(job_id IS NULL) <> (run IS NULL)", name="job_or_run"),
+        sa.CheckConstraint("attempts >= 0", name="attempts"),
+        sa.UniqueConstraint("job_id"),
+        sa.UniqueConstraint("run", "run_jobs"),
+        sa.Index(None, "state", "next_attempt_at"),
+        sa.Index(None, "tenant", "created_at"),
+    )
+
+
 jobs = cast(sa.Table, Job.__table__)
 batches = cast(sa.Table, Batch.__table__)
 ledger = cast(sa.Table, LedgerEntry.__table__)
 pauses = cast(sa.Table, Pause.__table__)
+tenants = cast(sa.Table, Tenant.__table__)
+api_keys = cast(sa.Table, ApiKey.__table__)
+idempotency_keys = cast(sa.Table, IdempotencyKey.__table__)
+tenant_runs = cast(sa.Table, TenantRun.__table__)
+webhook_deliveries = cast(sa.Table, WebhookDelivery.__table__)
 metadata = Base.metadata

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import orjson
 from aiohttp import web
@@ -33,7 +33,7 @@ from batcher.emulator.anthropic_batches import AnthropicBatches, message_batch_o
 from batcher.emulator.anthropic_errors import AnthropicApiError, invalid_request
 from batcher.emulator.anthropic_models import InvalidParams, check_params, fake_message, new_id
 from batcher.emulator.anthropic_requests import ParsedRequests, RequestsBodyParser
-from batcher.emulator.openai_api import STATE_KEY
+from batcher.emulator.openai_api import STATE_KEY, drop_connection
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +85,24 @@ def _check_auth(request: web.Request) -> None:
     raise AnthropicApiError("authentication_error", "x-api-key header is required")
 
 
-def _draw_fault(request: web.Request) -> AnthropicApiError | None:
-    """Roll the shared ``api_error_rate`` dice; injected faults cycle through 429, 529 and 500."""
+def _draw_fault(request: web.Request) -> AnthropicApiError | Literal["reset"] | None:
+    """Roll the shared ``api_error_rate`` dice; injected faults cycle through 429, 529 and 500 (or the
+    ``api_error_kinds`` knob); ``"reset"`` drops the connection."""
     state = request.app[STATE_KEY]
-    if state.draw_api_fault() is None:
+    kind = state.draw_api_fault_kind(("429", "529", "500"))
+    if kind is None:
         return None
-    kind = state.api_errors_injected % 3
-    if kind == 1:
+    if kind == "reset":
+        return "reset"
+    if kind == "429":
+        retry_after = state.settings.retry_after_s
         return AnthropicApiError(
             "rate_limit_error",
-            "This request would exceed the rate limit for your organization. Please try again in 1 second.",
-            headers={"retry-after": "1"},
+            f"This request would exceed the rate limit for your organization. Please try again in {retry_after} "
+            "second(s).",
+            headers={"retry-after": str(retry_after)},
         )
-    if kind == 2:
+    if kind in ("529", "503"):
         return AnthropicApiError("overloaded_error", "Overloaded")
     return AnthropicApiError("api_error", "Internal server error")
 
@@ -130,6 +135,8 @@ async def anthropic_middleware(request: web.Request, handler: Handler) -> web.St
         fault = _draw_fault(request)
         if fault is not None:
             await _drain(request)
+            if fault == "reset":
+                drop_connection(request)
             logger.info("injected HTTP %s on %s %s", fault.status, request.method, request.path)
             raise fault
         response = await handler(request)

@@ -289,7 +289,7 @@ class AnthropicBatches:
             latency = settings.latency_s
             progress = 1.0 if latency <= 0 else min(1.0, (batch.cancel_initiated_at - batch.created_at) / latency)
             return math.floor(batch.total * max(0.0, progress)), "canceled"
-        if is_fated_to_expire(settings.seed, batch.ordinal, settings.expire_rate):
+        if is_fated_to_expire(settings.seed, batch.ordinal, settings.expire_rate, settings.expire_ordinals):
             return expire_done_count(settings.seed, batch.ordinal, batch.total), "expired"
         return batch.total, "expired"
 
@@ -305,6 +305,7 @@ class AnthropicBatches:
             requests_path=batch.requests_path,
             results_path=batch.results_path,
             cache=self.prompt_cache,
+            malformed_rate=self.settings.malformed_rate,
         )
         try:
             batch.counts = await asyncio.to_thread(write_results, plan)

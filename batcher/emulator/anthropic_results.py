@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +26,7 @@ from typing import IO, Any
 import orjson
 
 from batcher.emulator.anthropic_models import InvalidParams, PromptCache, check_params, fake_message, stable_id
-from batcher.emulator.results import request_fails
+from batcher.emulator.results import line_malformed, malform, request_fails
 from batcher.emulator.seeding import stable_int
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ResultsPlan:
         requests_path: The stored ``{"custom_id", "params"}`` lines.
         results_path: Where to write the results.
         cache: Prompt prefixes seen so far, shared with the real-time endpoint.
+        malformed_rate: Fraction of result lines written unreadable.
     """
 
     batch_id: str
@@ -68,6 +70,7 @@ class ResultsPlan:
     requests_path: Path
     results_path: Path
     cache: PromptCache
+    malformed_rate: float = 0.0
 
 
 @dataclass(slots=True)
@@ -96,10 +99,12 @@ class _ShuffledWriter:
 
     fh: IO[bytes]
     rng: random.Random
+    malformed: Callable[[str], bool] = lambda _custom_id: False
     chunk: list[bytes] = field(default_factory=list)
 
     def write(self, line: dict[str, Any]) -> None:
-        self.chunk.append(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
+        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+        self.chunk.append(malform(data) if self.malformed(str(line["custom_id"])) else data)
         if len(self.chunk) >= CHUNK_LINES:
             self.flush()
 
@@ -133,7 +138,11 @@ def write_results(plan: ResultsPlan) -> ResultCounts:
     failures = 0
     index = 0
     with plan.requests_path.open("rb") as source, plan.results_path.open("wb") as out_fh:
-        out = _ShuffledWriter(out_fh, random.Random(stable_int(plan.seed, plan.ordinal, "anthropic-shuffle")))
+        out = _ShuffledWriter(
+            out_fh,
+            random.Random(stable_int(plan.seed, plan.ordinal, "anthropic-shuffle")),
+            lambda custom_id: line_malformed(plan.seed, plan.ordinal, custom_id, plan.malformed_rate),
+        )
         for raw in source:
             if not raw.strip():
                 continue

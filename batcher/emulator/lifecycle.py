@@ -112,9 +112,9 @@ class Schedule:
         return min(1.0, max(0.0, (now - start) / (end - start)))
 
 
-def is_fated_to_expire(seed: int, ordinal: int, expire_rate: float) -> bool:
-    """Whether the ``ordinal``-th batch of a run expires (deterministic for a seed)."""
-    return stable_unit(seed, "expire", ordinal) < expire_rate
+def is_fated_to_expire(seed: int, ordinal: int, expire_rate: float, ordinals: frozenset[int] = frozenset()) -> bool:
+    """Whether the ``ordinal``-th batch of a run expires (deterministic for a seed), by rate or by name."""
+    return ordinal in ordinals or stable_unit(seed, "expire", ordinal) < expire_rate
 
 
 def expire_done_count(seed: int, ordinal: int, total: int) -> int:

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import orjson
 from aiohttp import BodyPartReader, web
@@ -40,7 +40,7 @@ from batcher.emulator.state import EmulatorState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BATCH_ENDPOINTS", "FILE_PURPOSES", "STATE_KEY", "add_routes", "openai_middleware"]
+__all__ = ["BATCH_ENDPOINTS", "FILE_PURPOSES", "STATE_KEY", "add_routes", "drop_connection", "openai_middleware"]
 
 STATE_KEY: web.AppKey[EmulatorState] = web.AppKey("batcher_emulator_state", EmulatorState)
 
@@ -90,6 +90,15 @@ def _check_auth(request: web.Request) -> None:
         raise ApiError(401, "Incorrect API key provided. Use 'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key")
 
 
+def drop_connection(request: web.Request) -> NoReturn:
+    """Close the connection with no answer (an injected connection reset)."""
+    logger.info("injected connection reset on %s %s", request.method, request.path)
+    if request.transport is not None:
+        request.transport.abort()
+    # aiohttp treats a cancelled handler as a client that went away: nothing more is written
+    raise asyncio.CancelledError
+
+
 async def _drain(request: web.Request) -> None:
     """Read and drop the request body so the client sees the answer rather than a reset connection."""
     while await request.content.readany():
@@ -117,6 +126,8 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
             fault = _state(request).draw_api_fault()
             if fault is not None:
                 await _drain(request)
+                if fault == "reset":
+                    drop_connection(request)
                 logger.info("injected HTTP %s on %s %s", fault.status, request.method, request.path)
                 raise fault
         response = await handler(request)

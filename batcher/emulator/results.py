@@ -13,13 +13,15 @@ Per request, in this order:
    ``rate_limit_exceeded``, HTTP 400 ``context_length_exceeded`` (all with ``error: null``) and a
    top-level ``error`` with ``response: null``;
 4. otherwise: output file, status 200 and a fake model response.
+
+A line fated to be malformed (``malformed_rate``, by custom_id) is written cut in half: unreadable JSON.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,7 +33,16 @@ from batcher.emulator.seeding import stable_hex, stable_int, stable_unit
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_LINES", "FAILURE_KINDS", "ResultPlan", "ResultSummary", "request_fails", "write_results"]
+__all__ = [
+    "CHUNK_LINES",
+    "FAILURE_KINDS",
+    "ResultPlan",
+    "ResultSummary",
+    "line_malformed",
+    "malform",
+    "request_fails",
+    "write_results",
+]
 
 CHUNK_LINES = 128
 _CONTEXT_WINDOW = 128_000
@@ -45,6 +56,17 @@ UNFINISHED_MESSAGES = {
 def request_fails(seed: int, ordinal: int, custom_id: str, error_rate: float) -> bool:
     """Whether a request is fated to fail (deterministic for a seed, batch ordinal and custom_id)."""
     return error_rate > 0 and stable_unit(seed, "error", ordinal, custom_id) < error_rate
+
+
+def line_malformed(seed: int, ordinal: int, custom_id: str, malformed_rate: float) -> bool:
+    """Whether a request's result line is fated to be written unreadable."""
+    return malformed_rate > 0 and stable_unit(seed, "malformed", ordinal, custom_id) < malformed_rate
+
+
+def malform(line: bytes) -> bytes:
+    """A result line cut in half (still newline-terminated): not JSON any more."""
+    body = line.rstrip(b"\n")
+    return body[: max(1, len(body) // 2)] + b"\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +85,7 @@ class ResultPlan:
         input_path: The validated input file.
         output_path: Where to write successes.
         error_path: Where to write failures and unfinished requests.
+        malformed_rate: Fraction of result lines written unreadable.
     """
 
     batch_id: str
@@ -76,6 +99,7 @@ class ResultPlan:
     input_path: Path
     output_path: Path
     error_path: Path
+    malformed_rate: float = 0.0
 
 
 @dataclass(slots=True)
@@ -122,10 +146,12 @@ class _ShuffledWriter:
 
     fh: IO[bytes]
     rng: random.Random
+    malformed: Callable[[str], bool] = lambda _custom_id: False
     chunk: list[bytes] = field(default_factory=list)
 
     def write(self, line: Mapping[str, Any]) -> None:
-        self.chunk.append(orjson.dumps(line) + b"\n")
+        data = orjson.dumps(line) + b"\n"
+        self.chunk.append(malform(data) if self.malformed(str(line["custom_id"])) else data)
         if len(self.chunk) >= CHUNK_LINES:
             self.flush()
 
@@ -195,8 +221,12 @@ def write_results(plan: ResultPlan) -> ResultSummary:
         plan.output_path.open("wb") as out_fh,
         plan.error_path.open("wb") as err_fh,
     ):
-        out = _ShuffledWriter(out_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-output")))
-        err = _ShuffledWriter(err_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-error")))
+
+        def malformed(custom_id: str) -> bool:
+            return line_malformed(plan.seed, plan.ordinal, custom_id, plan.malformed_rate)
+
+        out = _ShuffledWriter(out_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-output")), malformed)
+        err = _ShuffledWriter(err_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-error")), malformed)
         for raw in source:
             if not raw.strip():
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,13 @@ class EmulatorSettings(BaseSettings):
             of their requests done.
         token_limit: Enqueued prompt tokens allowed per model across non-terminal batches; a batch
             that would go over fails with ``token_limit_exceeded``. ``None`` means unlimited.
+        api_error_kinds: What injected HTTP faults are, in turn: ``"429"`` (with ``Retry-After``),
+            ``"500"``, ``"503"``, ``"529"`` (Anthropic's overloaded) or ``"reset"`` (the connection is
+            closed with no answer). Empty: each API's own cycle (OpenAI 429/500, Anthropic 429/529/500).
+        retry_after_s: The ``Retry-After`` seconds an injected 429 carries.
+        expire_ordinals: Batches (by creation number, 1-based) that expire part-done, on top of
+            ``expire_rate``, e.g. ``[3]`` for exactly one expired batch in a run.
+        malformed_rate: Fraction of result lines (0..1) written truncated, as unreadable JSON.
         seed: Seed of every random decision; the same seed and the same calls give the same run.
         max_requests: Most request lines in one batch input file.
         max_bytes: Largest batch input file in bytes.
@@ -55,6 +63,10 @@ class EmulatorSettings(BaseSettings):
     api_error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     expire_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     token_limit: int | None = Field(default=None, gt=0)
+    api_error_kinds: list[Literal["429", "500", "503", "529", "reset"]] = Field(default_factory=list)
+    retry_after_s: int = Field(default=1, ge=0, le=3600)
+    expire_ordinals: frozenset[int] = frozenset()
+    malformed_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int = 0
     max_requests: int = Field(default=50_000, gt=0)
     max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)

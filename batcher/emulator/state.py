@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from batcher.emulator.errors import ApiError, invalid_value, not_found
 from batcher.emulator.fake_models import SUPPORTED_ENDPOINTS
@@ -277,7 +277,7 @@ class EmulatorState:
         if batch.status is BatchStatus.VALIDATING:
             await self._validate(batch, at)
         elif batch.status is BatchStatus.IN_PROGRESS:
-            if is_fated_to_expire(settings.seed, batch.ordinal, settings.expire_rate):
+            if is_fated_to_expire(settings.seed, batch.ordinal, settings.expire_rate, settings.expire_ordinals):
                 done = expire_done_count(settings.seed, batch.ordinal, batch.total)
                 await self._write_results(batch, done, "batch_expired", at)
                 self._transition(batch, BatchStatus.EXPIRED)
@@ -355,6 +355,7 @@ class EmulatorState:
             input_path=batch.input_path,
             output_path=output_path,
             error_path=error_path,
+            malformed_rate=settings.malformed_rate,
         )
         try:
             summary = await asyncio.to_thread(write_results, plan)
@@ -390,20 +391,38 @@ class EmulatorState:
 
     # ------------------------------------------------------------------ faults, stats, reset
 
-    def draw_api_fault(self) -> ApiError | None:
-        """Roll the ``api_error_rate`` dice for one HTTP call; injected faults alternate 429 and 500."""
+    def draw_api_fault_kind(self, default_cycle: tuple[str, ...]) -> str | None:
+        """Roll the ``api_error_rate`` dice for one HTTP call: the kind of fault to inject, or ``None``.
+
+        Injected faults take turns through ``api_error_kinds`` (``default_cycle``, the API's own, when empty).
+        """
         rate = self.settings.api_error_rate
         if rate <= 0 or self._api_rng.random() >= rate:
             return None
         self.api_errors_injected += 1
-        if self.api_errors_injected % 2 == 1:
+        cycle = tuple(self.settings.api_error_kinds) or default_cycle
+        return cycle[(self.api_errors_injected - 1) % len(cycle)]
+
+    def draw_api_fault(self) -> ApiError | Literal["reset"] | None:
+        """Roll the dice for one OpenAI call: the error to answer with, ``"reset"`` to drop the connection."""
+        kind = self.draw_api_fault_kind(("429", "500"))
+        if kind is None:
+            return None
+        if kind == "reset":
+            return "reset"
+        if kind == "429":
+            retry_after = self.settings.retry_after_s
             return ApiError(
                 429,
-                f"Rate limit reached for requests in organization {ORGANIZATION}. Please try again in 1s.",
+                f"Rate limit reached for requests in organization {ORGANIZATION}. Please try again in {retry_after}s.",
                 type="requests",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": str(retry_after)},
             )
+        if kind == "503":
+            return ApiError(503, "The engine is currently overloaded, please try again later.", type="server_error")
+        if kind == "529":
+            return ApiError(529, "The server is overloaded.", type="server_error")
         return ApiError(
             500, "The server had an error while processing your request. Sorry about that!", type="server_error"
         )

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
-from batcher.providers.base import BatchStatus, Limits, Outcome, OutcomeKind, ProviderAdapter, RequestCounts
+from batcher.providers.base import (
+    BatchStatus,
+    Limits,
+    Outcome,
+    OutcomeKind,
+    ProviderAdapter,
+    RequestCounts,
+    UploadedFile,
+)
 
-__all__ = ["BatchStatus", "Limits", "Outcome", "OutcomeKind", "ProviderAdapter", "RequestCounts"]
+__all__ = ["BatchStatus", "Limits", "Outcome", "OutcomeKind", "ProviderAdapter", "RequestCounts", "UploadedFile"]

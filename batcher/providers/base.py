@@ -11,6 +11,7 @@ import abc
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,21 @@ class RequestCounts:
     failed: int = 0
     expired: int = 0
     cancelled: int = 0
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A batch input file held by the provider (recovery deletes the ones no batch uses).
+
+    Attributes:
+        file_id: the provider's id.
+        filename: the name it was uploaded under (batcher's are ``batcher-<batch id>.jsonl``).
+        created_at: when it was uploaded (aware, UTC).
+    """
+
+    file_id: str
+    filename: str
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,24 @@ class ProviderAdapter(abc.ABC):
     @abc.abstractmethod
     async def find_batch(self, batch_id: str) -> BatchStatus | None:
         """Recovery: the provider batch created for our ``batch_id`` whose id was never recorded, if any."""
+
+    async def find_batch_candidates(self, created_after: datetime, request_count: int) -> list[BatchStatus]:
+        """Recovery where batches carry no metadata: batches created at or after ``created_after`` holding exactly
+        ``request_count`` requests, newest first.
+
+        The default answers none: an API whose batches carry our id is asked :meth:`find_batch` instead.
+        """
+        return []
+
+    async def recent_batches(self) -> list[tuple[str | None, BatchStatus]]:
+        """Recovery: the account's most recent provider batches, each with the batcher batch id its metadata
+        carries (``None`` when it carries none). The default answers none (batches without metadata).
+        """
+        return []
+
+    async def list_uploads(self) -> list[UploadedFile]:
+        """Recovery: batch input files uploaded to the account. The default answers none (inline input)."""
+        return []
 
     @abc.abstractmethod
     async def delete_file(self, file_id: str) -> None:

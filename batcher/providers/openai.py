@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +29,15 @@ from openai.types import Batch
 
 from batcher.domain import BatchState, Provider
 from batcher.errors import ProviderError
-from batcher.providers.base import BatchStatus, Limits, Outcome, OutcomeKind, ProviderAdapter, RequestCounts
+from batcher.providers.base import (
+    BatchStatus,
+    Limits,
+    Outcome,
+    OutcomeKind,
+    ProviderAdapter,
+    RequestCounts,
+    UploadedFile,
+)
 from batcher.providers.limits import OPENAI_LIMITS
 
 logger = logging.getLogger(__name__)
@@ -37,6 +46,7 @@ __all__ = [
     "FIND_BATCH_SCAN_LIMIT",
     "METADATA_KEY",
     "OPENAI_LIMITS",
+    "UPLOAD_SCAN_LIMIT",
     "OpenAIAdapter",
     "batch_status_from_openai",
     "parse_result_line",
@@ -51,6 +61,9 @@ METADATA_KEY = "batcher_batch_id"
 
 #: :meth:`OpenAIAdapter.find_batch` looks at this many of the most recent batches, no more
 FIND_BATCH_SCAN_LIMIT = 1000
+
+#: :meth:`OpenAIAdapter.list_uploads` lists at most this many files
+UPLOAD_SCAN_LIMIT = 10_000
 
 _STATUS_MAP: dict[str, BatchState] = {
     "validating": BatchState.VALIDATING,
@@ -500,6 +513,39 @@ class OpenAIAdapter(ProviderAdapter):
         except _FOREIGN_ERRORS as exc:
             raise translate_error(exc, provider=self.account, action=f"find batch {batch_id}") from exc
         return None
+
+    async def recent_batches(self, *, scan_limit: int = FIND_BATCH_SCAN_LIMIT) -> list[tuple[str | None, BatchStatus]]:
+        """The most recent ``scan_limit`` batches (newest first), each with the batcher batch id in its metadata.
+
+        Raises:
+            ProviderError: listing failed.
+        """
+        found: list[tuple[str | None, BatchStatus]] = []
+        try:
+            async for batch in self._client().batches.list(limit=100):
+                ours = batch.metadata.get(METADATA_KEY) if batch.metadata else None
+                found.append((ours, batch_status_from_openai(batch)))
+                if len(found) >= scan_limit:
+                    break
+        except _FOREIGN_ERRORS as exc:
+            raise translate_error(exc, provider=self.account, action="list batches") from exc
+        return found
+
+    async def list_uploads(self, *, scan_limit: int = UPLOAD_SCAN_LIMIT) -> list[UploadedFile]:
+        """Files uploaded with ``purpose=batch`` (at most ``scan_limit``).
+
+        Raises:
+            ProviderError: listing failed.
+        """
+        found: list[UploadedFile] = []
+        try:
+            async for item in self._client().files.list(purpose="batch"):
+                found.append(UploadedFile(item.id, item.filename, datetime.fromtimestamp(item.created_at, UTC)))
+                if len(found) >= scan_limit:
+                    break
+        except _FOREIGN_ERRORS as exc:
+            raise translate_error(exc, provider=self.account, action="list files") from exc
+        return found
 
     async def delete_file(self, file_id: str) -> None:
         """Delete an uploaded file; a file that is already gone is fine.

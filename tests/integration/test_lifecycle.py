@@ -63,6 +63,8 @@ def make_settings(db_url: str, **over: Any) -> Settings:
         "max_attempts": MAX_ATTEMPTS,
         "token_limit_pause_s": PAUSE_S,
         "expected_turnaround_s": TURNAROUND_S,
+        # retry delays exact (no jitter): these tests pin them to the second
+        "retry_jitter": 0.0,
     }
     values.update(over)
     return Settings(**values)
@@ -311,16 +313,24 @@ async def test_pack_waits_for_max_wait(db: Database, db_url: str) -> None:
 
 async def test_pack_deadline_forces_packing(db: Database, db_url: str) -> None:
     p, _ = make_pipeline(db, db_url)
+    lead = p.settings.deadline_lead_s
     t0 = utcnow()
-    urgent = await enqueue(db, 1, model="m1", not_after=after(t0, TURNAROUND_S - 10))
+    # a batch can still make it, but only if it goes now (within the lead before the last moment)
+    urgent = await enqueue(db, 1, model="m1", not_after=after(t0, TURNAROUND_S + lead - 10))
     relaxed = await enqueue(db, 1, model="m2", not_after=after(t0, TURNAROUND_S + 600))
+    # too late for any batch: left to the deadline sweep (real-time fallback), never packed
+    doomed = await enqueue(db, 1, model="m3", not_after=after(t0, TURNAROUND_S - 10))
     created = await p.pack(t0)
     assert len(created) == 1
     rows = await job_rows(db)
     assert rows[urgent[0]]["batch_id"] == created[0]
     assert rows[relaxed[0]]["state"] == "queued"
-    # ten minutes later the relaxed one's deadline is within the turnaround too
-    assert len(await p.pack(after(t0, 601))) == 1
+    assert rows[doomed[0]]["state"] == "queued" and rows[doomed[0]]["batch_id"] is None
+    # ten minutes later (less the lead) the relaxed one's deadline is within the turnaround too
+    assert len(await p.pack(after(t0, 600 - lead + 1))) == 1
+    # even forced, the doomed one is not packed
+    assert await p.pack(after(t0, 600 - lead + 1), force=True) == []
+    assert (await job_rows(db))[doomed[0]]["state"] == "queued"
 
 
 async def test_pack_skips_paused_account_model(db: Database, db_url: str) -> None:

@@ -1,0 +1,310 @@
+"""``batcher api``, ``batcher up``, ``batcher keys …``, ``batcher tenants …``, ``batcher webhooks …``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+import typer
+from pydantic import SecretStr
+from rich.table import Table
+
+from batcher import tenants, webhooks
+from batcher.cli.app import app, console, err_console, load_settings, print_json, run, setup_logging
+from batcher.config import Settings
+from batcher.db import migrate
+from batcher.db.engine import Database
+from batcher.timeutil import utcnow
+
+T = TypeVar("T")
+
+keys_app = typer.Typer(
+    help="API keys of the HTTP API's tenants (only a hash of each key is stored).", no_args_is_help=True
+)
+tenants_app = typer.Typer(help="Tenants of the HTTP API and their limits.", no_args_is_help=True)
+webhooks_app = typer.Typer(help="Webhook deliveries: where each stands, and sending one again.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(webhooks_app, name="webhooks")
+
+
+def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    async def _go() -> T:
+        db = Database(settings.database_url)
+        try:
+            await migrate.upgrade(db.engine)
+            return await work(db)
+        finally:
+            await db.aclose()
+
+    return run(_go())
+
+
+def _limit_int(value: str | None, option: str) -> int | None:
+    """``--max-queued``: a number, or ``none`` to remove the limit (the caller handles "not given")."""
+    if value is None or value.lower() == "none":
+        return None
+    try:
+        number = int(value.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a whole number (or 'none')", param_hint=option) from None
+    if number < 0:
+        raise typer.BadParameter("must be >= 0", param_hint=option)
+    return number
+
+
+def _limit_usd(value: str | None, option: str) -> Decimal | None:
+    if value is None or value.lower() == "none":
+        return None
+    try:
+        amount = Decimal(value.lstrip("$").replace(",", ""))
+    except InvalidOperation:
+        raise typer.BadParameter(f"{value!r} is not an amount of dollars (or 'none')", param_hint=option) from None
+    if not amount.is_finite() or amount < 0:
+        raise typer.BadParameter("must be a number of dollars >= 0", param_hint=option)
+    return amount
+
+
+def _limits(max_queued: str | None, budget: str | None) -> dict[str, Any]:
+    given: dict[str, Any] = {}
+    if max_queued is not None:
+        given["max_queued_jobs"] = _limit_int(max_queued, "--max-queued")
+    if budget is not None:
+        given["monthly_budget_usd"] = _limit_usd(budget, "--monthly-budget")
+    return given
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="The tenant the key belongs to (made if new)."),
+    admin: bool = typer.Option(False, "--admin", help="The key may also read /metrics."),
+    max_queued: str | None = typer.Option(
+        None, "--max-queued", help="Set the tenant's most unsettled jobs at once ('none': no limit)."
+    ),
+    budget: str | None = typer.Option(
+        None, "--monthly-budget", help="Set the tenant's monthly budget in dollars ('none': no budget)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help='Print {"tenant", "key", "webhook_secret"}.'),
+) -> None:
+    """Make an API key. It is printed once, here; only its hash is stored."""
+    settings = load_settings()
+    limits = _limits(max_queued, budget)
+    made = _with_db(settings, lambda db: tenants.create_key(db, tenant, admin=admin, **limits))
+    if json_out:
+        print_json({"tenant": made.tenant, "key": made.key, "webhook_secret": made.webhook_secret})
+        return
+    console.print(f"tenant         {made.tenant}")
+    console.print(f"key id         {made.id}")
+    console.print(f"key            [bold]{made.key}[/]", highlight=False)
+    console.print(f"webhook secret {made.webhook_secret}", highlight=False)
+    err_console.print("The key is shown only now; store it. Send it as: Authorization: Bearer <key>")
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's keys."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List keys (never the keys themselves: their id and first characters)."""
+    settings = load_settings()
+    found = _with_db(settings, lambda db: tenants.list_keys(db, tenant=tenant))
+    if json_out:
+        print_json([k.to_json() for k in found])
+        return
+    table = Table()
+    for col in ("id", "tenant", "key starts", "admin", "created", "revoked"):
+        table.add_column(col)
+    for k in found:
+        table.add_row(
+            k.id,
+            k.tenant,
+            k.prefix + "…",
+            "yes" if k.admin else "",
+            k.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            "" if k.revoked_at is None else k.revoked_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(..., metavar="KEY", help="The key's id, its first characters as listed, or the key."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Revoke a key: the API refuses it from now on (within BATCHER_API_AUTH_CACHE_S seconds on running APIs)."""
+    settings = load_settings()
+    revoked = _with_db(settings, lambda db: tenants.revoke_key(db, key))
+    if json_out:
+        print_json(revoked.to_json())
+        return
+    console.print(f"revoked key {revoked.id} of tenant {revoked.tenant}")
+
+
+# ------------------------------------------------------------------------------------------------ tenants
+
+
+@tenants_app.command("list")
+def tenants_list(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Tenants and their limits."""
+    settings = load_settings()
+    found = _with_db(settings, tenants.list_tenants)
+    if json_out:
+        print_json([t.to_json() for t in found])
+        return
+    table = Table()
+    for col in ("tenant", "max queued jobs", "monthly budget"):
+        table.add_column(col)
+    for t in found:
+        table.add_row(
+            t.name,
+            "" if t.max_queued_jobs is None else f"{t.max_queued_jobs:,}",
+            "" if t.monthly_budget_usd is None else f"${t.monthly_budget_usd:,.2f}",
+        )
+    console.print(table)
+
+
+@tenants_app.command("set")
+def tenants_set(
+    tenant: str = typer.Argument(..., metavar="TENANT"),
+    max_queued: str | None = typer.Option(None, "--max-queued", help="Most unsettled jobs at once ('none': no limit)."),
+    budget: str | None = typer.Option(None, "--monthly-budget", help="Dollars per calendar month ('none': no budget)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Change a tenant's limits (limits not given stay as they are)."""
+    settings = load_settings()
+    limits = _limits(max_queued, budget)
+    if not limits:
+        raise typer.BadParameter("give --max-queued and/or --monthly-budget")
+    found = _with_db(settings, lambda db: tenants.set_limits(db, tenant, **limits))
+    if json_out:
+        print_json(found.to_json())
+        return
+    console.print(found.to_json())
+
+
+# ------------------------------------------------------------------------------------------------ webhooks
+
+
+@webhooks_app.command("list")
+def webhooks_list(
+    tenant: str | None = typer.Option(None, "--tenant", help="Only this tenant's deliveries."),
+    state: str | None = typer.Option(None, "--state", help="pending, delivered or failed."),
+    job: str | None = typer.Option(None, "--job", help="Only the delivery of this job."),
+    limit: int = typer.Option(50, "--limit", min=1, max=100_000, help="At most this many, newest first."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Webhook deliveries and where each stands: attempts, last answer, next attempt."""
+    settings = load_settings()
+    found = _with_db(
+        settings, lambda db: webhooks.list_deliveries(db, tenant=tenant, state=state, job_id=job, limit=limit)
+    )
+    if json_out:
+        print_json(found)
+        return
+    table = Table()
+    for col in ("id", "tenant", "event", "job / run", "state", "attempts", "last answer", "next attempt", "url"):
+        table.add_column(col)
+    for d in found:
+        answer = d["last_error"] or ("" if d["last_status"] is None else f"HTTP {d['last_status']}")
+        table.add_row(
+            d["id"],
+            d["tenant"],
+            d["event"],
+            d["job_id"] or d["run"] or "",
+            d["state"],
+            str(d["attempts"]),
+            answer[:60],
+            (d["next_attempt_at"] or "")[:19].replace("T", " "),
+            d["url"],
+        )
+    console.print(table)
+
+
+@webhooks_app.command("retry")
+def webhooks_retry(
+    delivery: str = typer.Argument(..., metavar="ID"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Send a delivery again now (a failed one gets one more attempt; the worker sends it)."""
+    settings = load_settings()
+    found = _with_db(settings, lambda db: webhooks.retry(db, delivery, utcnow()))
+    if json_out:
+        print_json(found)
+        return
+    console.print(f"webhook delivery {found['id']} is {found['state']}: the worker sends it at its next tick")
+
+
+# ------------------------------------------------------------------------------------------------ serving
+
+
+@app.command()
+def api(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8300, "--port", min=0, max=65535),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
+    """Serve the HTTP API for producers (run as many as you like against one database)."""
+    from batcher.api.app import run_api
+
+    setup_logging(verbose)
+    settings = load_settings()
+    console.print(f"batcher API on http://{host}:{port} — make a key with: batcher keys create --tenant NAME")
+    with contextlib.suppress(KeyboardInterrupt):
+        run(run_api(settings, host, port))
+
+
+@contextlib.asynccontextmanager
+async def _emulated(settings: Settings, latency_s: float) -> AsyncIterator[Settings]:
+    from batcher.emulator import EmulatorSettings, serve_emulator
+
+    async with serve_emulator(EmulatorSettings(latency_s=latency_s)) as base_url:
+        yield settings.model_copy(
+            update={
+                "openai_base_url": base_url,
+                "openai_api_key": settings.openai_api_key or SecretStr("emulator"),
+                "anthropic_base_url": base_url.removesuffix("/v1"),
+                "anthropic_api_key": settings.anthropic_api_key or SecretStr("emulator"),
+            }
+        )
+
+
+async def serve_all(settings: Settings, host: str, port: int, *, emulator: bool, emulator_latency_s: float) -> None:
+    """The single-machine deployment: the API and a worker in one process (and the emulator, if asked)."""
+    from batcher.api.app import freeze_heap, serve_api
+    from workers.settings import run_worker
+
+    db = Database(settings.database_url)
+    try:
+        await migrate.upgrade(db.engine)
+    finally:
+        await db.aclose()
+    async with contextlib.AsyncExitStack() as stack:
+        if emulator:
+            settings = await stack.enter_async_context(_emulated(settings, emulator_latency_s))
+            console.print(f"provider emulator at {settings.openai_base_url}")
+        url = await stack.enter_async_context(serve_api(settings, host, port, migrate_db=False))
+        freeze_heap()
+        console.print(f"batcher API on {url} and a worker — make a key with: batcher keys create --tenant NAME")
+        # the worker handles SIGINT/SIGTERM: when it returns, the API stops too
+        await run_worker(settings)
+
+
+@app.command()
+def up(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface the API listens on."),
+    port: int = typer.Option(8300, "--port", min=0, max=65535),
+    emulator: bool = typer.Option(False, "--emulator", help="Run against the bundled provider emulator."),
+    emulator_latency: float = typer.Option(3.0, "--emulator-latency", min=0, help="Seconds an emulated batch takes."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
+    """The API and a worker in one process, on embedded defaults (SQLite, embedded Redis unless configured)."""
+    setup_logging(verbose)
+    settings = load_settings()
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        run(serve_all(settings, host, port, emulator=emulator, emulator_latency_s=emulator_latency))

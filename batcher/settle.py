@@ -1,0 +1,426 @@
+"""Collecting an ended batch: its results settled into jobs and ledger entries, its leftovers retried or failed.
+
+Called by :meth:`batcher.lifecycle.Pipeline.collect` once it holds the batch's lease. Results are streamed and
+settled in chunks, one transaction each; every job settles once (``UPDATE … WHERE batch_id = :batch AND state =
+'submitted'``) and its ledger entry is written in the same transaction from the row still ``submitted``, with
+``ON CONFLICT (job_id, attempt) DO NOTHING`` — so a collect resumed after a crash, a repeated line or a line of
+another batch changes nothing already settled. A batch the provider failed as a whole is settled from its error
+list (:func:`_settle_failed_batch`); one failed by the enqueued-token cap requeues its jobs and pauses the model
+(:func:`_requeue_token_limited`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from batcher.db.tables import batches, jobs, pauses
+from batcher.domain import BatchState, JobState
+from batcher.errors import ProviderError
+from batcher.ledger import entries_from_batch, entry_params
+from batcher.packer import next_poll_interval, pause_backoff
+from batcher.pricing import ZERO_COST, normalize_usage
+from batcher.providers.base import BatchStatus, Outcome, OutcomeKind, ProviderAdapter
+
+if TYPE_CHECKING:
+    from batcher.lifecycle import Pipeline
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TOKEN_LIMIT", "CollectReport", "collect_claimed"]
+
+#: ids per ``IN (…)`` list: well under SQLite's 32,766 bound variables
+ID_CHUNK = 5000
+TOKEN_LIMIT = "token_limit_exceeded"
+
+
+def _ids(chunked: list[str]) -> list[list[str]]:
+    return [list(chunked[i : i + ID_CHUNK]) for i in range(0, len(chunked), ID_CHUNK)]
+
+
+@dataclass
+class CollectReport:
+    """What collecting one batch did (job counts read back from the database once it is done)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    requeued: int = 0
+    cancelled: int = 0
+    #: requests the provider reported expired (requeued or failed)
+    expired: int = 0
+    #: result lines read
+    results: int = 0
+    #: jobs with no result line at all (requeued or failed as ``missing_result``)
+    missing: int = 0
+
+
+async def collect_claimed(p: Pipeline, claimed: Mapping[str, Any], now: datetime) -> CollectReport | None:
+    """Settle the batch ``claimed`` (its row, leased by ``p``) and mark it ``collected``.
+
+    Returns:
+        What was settled, or ``None`` when reading the results failed in a way worth retrying (the batch is
+        released with its next try set, backing off).
+    """
+    batch_id = claimed["id"]
+    state = BatchState(claimed["state"])
+    report = CollectReport()
+    errors = claimed["errors"] or []
+    if state is BatchState.FAILED and any(e.get("code") == TOKEN_LIMIT for e in errors):
+        await _requeue_token_limited(p, claimed, now, report)
+    elif state is BatchState.FAILED:
+        await _settle_failed_batch(p, claimed, now, report)
+    elif claimed["provider_batch_id"] is None:
+        # never reached the provider (every job was cancelled while it was open): no results to read
+        await _settle_leftovers(p, claimed, now, report)
+    else:
+        adapter = p.adapter(claimed["account"])
+        try:
+            await _settle_results(p, claimed, adapter, now, report)
+        except ProviderError as exc:
+            if exc.retryable:
+                # back off from poll_min_s, doubling per failure in a row (kept in poll_interval_s)
+                interval = max(claimed["poll_interval_s"], p.settings.poll_min_s)
+                delay = p.retry_delay(1, exc, base_s=interval, max_s=interval)
+                logger.warning("collect of batch %s failed, retrying in %.1fs: %s", batch_id, delay, exc)
+                await p._release(
+                    batch_id,
+                    now,
+                    next_poll_at=now + timedelta(seconds=delay),
+                    poll_interval_s=next_poll_interval(
+                        interval, min_s=p.settings.poll_min_s, max_s=p.settings.poll_max_s
+                    ),
+                )
+                return None
+            # the results cannot be read, now or later (e.g. the output file is gone): retrying would
+            # keep the batch, and its jobs, stuck forever. What did not settle is treated as missing.
+            logger.error("results of batch %s cannot be read, settling the rest as missing: %s", batch_id, exc)
+        await _settle_leftovers(p, claimed, now, report)
+    async with p.db.engine.begin() as conn:
+        counts: dict[str, int] = {
+            state: count
+            for state, count in await conn.execute(
+                sa.select(jobs.c.state, sa.func.count()).where(jobs.c.batch_id == batch_id).group_by(jobs.c.state)
+            )
+        }
+        report.succeeded = counts.get(JobState.SUCCEEDED.value, 0)
+        report.failed = counts.get(JobState.FAILED.value, 0)
+        report.cancelled = counts.get(JobState.CANCELLED.value, 0)
+        report.requeued = counts.get(JobState.QUEUED.value, 0)
+        # per job, not per result line (a line may repeat, and a collect resumed after a crash re-reads
+        # lines an earlier one settled); the error names the batch, so an older attempt's expiry is not
+        # counted here
+        report.expired = int(
+            await conn.scalar(
+                sa.select(sa.func.count()).where(
+                    jobs.c.batch_id == batch_id,
+                    jobs.c.state.in_([JobState.QUEUED.value, JobState.FAILED.value]),
+                    jobs.c.error_code == "expired",
+                    jobs.c.error["batch_id"].as_string() == batch_id,
+                )
+            )
+            or 0
+        )
+        await conn.execute(
+            sa.update(batches)
+            .where(batches.c.id == batch_id, batches.c.lease_owner == p.owner)
+            .values(
+                state=BatchState.COLLECTED.value,
+                collected_at=now,
+                succeeded=report.succeeded,
+                failed=report.failed + report.requeued - report.expired,
+                expired=report.expired,
+                cancelled=report.cancelled,
+                lease_owner=None,
+                lease_expires_at=None,
+                next_poll_at=None,
+                updated_at=now,
+            )
+        )
+    logger.info("batch %s collected: %s", batch_id, report)
+    return report
+
+
+async def _settle_results(
+    p: Pipeline, batch: Mapping[str, Any], adapter: ProviderAdapter, now: datetime, report: CollectReport
+) -> None:
+    status = _status_from_row(batch)
+    chunk: list[Outcome] = []
+    async for outcome in adapter.results(status):
+        chunk.append(outcome)
+        if len(chunk) >= p.settings.settle_chunk:
+            await _settle_chunk(p, batch, chunk, now, report)
+            chunk = []
+    if chunk:
+        await _settle_chunk(p, batch, chunk, now, report)
+
+
+async def _settle_chunk(
+    p: Pipeline, batch: Mapping[str, Any], outcomes: list[Outcome], now: datetime, report: CollectReport
+) -> None:
+    """Settle one chunk of outcomes in one transaction.
+
+    Each UPDATE is guarded by ``batch_id`` and ``state = 'submitted'``: a duplicate line, a line for a
+    job of another batch, or a line settled by an earlier (crashed) collect changes nothing.
+    """
+    batch_id = batch["id"]
+    cancelled_batch = batch["state"] == BatchState.CANCELLED.value
+    succeeded: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    retry: list[dict[str, Any]] = []
+    cancelled: list[str] = []
+    report.results += len(outcomes)
+    seen: set[str] = set()
+    for o in outcomes:
+        # a repeated line is waste: the first one settles the job (as it would in an earlier chunk)
+        if o.custom_id in seen:
+            continue
+        seen.add(o.custom_id)
+        if o.kind is OutcomeKind.SUCCEEDED:
+            succeeded.append({"b_id": o.custom_id, "b_result": o.body, "b_usage": o.usage})
+            continue
+        expired = o.kind is OutcomeKind.EXPIRED
+        if o.kind is OutcomeKind.CANCELLED or (cancelled_batch and (expired or o.retryable)):
+            # the batch was cancelled: what did not finish is cancelled, never sent again
+            cancelled.append(o.custom_id)
+            continue
+        code = "expired" if expired else (o.error_code or "error")
+        error = {"code": code, "message": o.error_message, "status_code": o.status_code, "batch_id": batch_id}
+        entry = {"b_id": o.custom_id, "b_code": code[:64], "b_error": error}
+        (retry if o.retryable or expired else failed).append(entry)
+    entries = _ledger_params(p, batch, succeeded, failed, cancelled)
+    exhausted = [entry_params(e["b_id"], None, ZERO_COST) for e in retry]
+    guard = sa.and_(
+        jobs.c.id == sa.bindparam("b_id"), jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value
+    )
+    error_values = {
+        "error_code": sa.bindparam("b_code"),
+        "error": sa.bindparam("b_error", type_=jobs.c.error.type),
+        "updated_at": now,
+    }
+    async with p.db.engine.begin() as conn:
+        # the ledger first, from the rows still ``submitted``: a job settled before writes nothing
+        if entries:
+            await conn.execute(entries_from_batch(p.db, batch_id, mode="batch", now=now), entries)
+        if exhausted:
+            used_up = jobs.c.attempts >= p.settings.max_attempts
+            await conn.execute(entries_from_batch(p.db, batch_id, mode="batch", now=now, only=used_up), exhausted)
+        if succeeded:
+            await conn.execute(
+                sa.update(jobs)
+                .where(guard)
+                .values(
+                    state=JobState.SUCCEEDED.value,
+                    result=sa.bindparam("b_result"),
+                    usage=sa.bindparam("b_usage", type_=jobs.c.usage.type),
+                    error=None,
+                    error_code=None,
+                    settled_at=now,
+                    updated_at=now,
+                ),
+                succeeded,
+            )
+        if failed:
+            await conn.execute(
+                sa.update(jobs).where(guard).values(state=JobState.FAILED.value, settled_at=now, **error_values),
+                failed,
+            )
+        if retry:
+            # retryable failures go back to the queue while attempts remain; the rest fail
+            await conn.execute(
+                sa.update(jobs)
+                .where(guard, jobs.c.attempts < p.settings.max_attempts)
+                .values(state=JobState.QUEUED.value, queued_at=now, **error_values),
+                retry,
+            )
+            await conn.execute(
+                sa.update(jobs).where(guard).values(state=JobState.FAILED.value, settled_at=now, **error_values),
+                retry,
+            )
+        for ids in _ids(cancelled):
+            await conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id.in_(ids), jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
+                .values(state=JobState.CANCELLED.value, settled_at=now, updated_at=now)
+            )
+
+
+def _ledger_params(
+    p: Pipeline,
+    batch: Mapping[str, Any],
+    succeeded: list[dict[str, Any]],
+    failed: list[dict[str, Any]],
+    cancelled: list[str],
+) -> list[dict[str, Any]]:
+    """Ledger bind parameters for the outcomes that settle a job for good; only successes are billed."""
+    provider = p.price_provider(batch["account"])
+    entries = []
+    for s in succeeded:
+        usage = normalize_usage(batch["provider"], s["b_usage"])
+        cost = p.prices.cost(provider, batch["model"], usage, mode="batch")
+        entries.append(entry_params(s["b_id"], usage, cost))
+    entries.extend(entry_params(f["b_id"], None, ZERO_COST) for f in failed)
+    entries.extend(entry_params(job_id, None, ZERO_COST) for job_id in cancelled)
+    return entries
+
+
+async def _settle_leftovers(p: Pipeline, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
+    """Jobs of the batch that got no result line: cancelled with a cancelled batch, else retried."""
+    batch_id = batch["id"]
+    in_batch = sa.and_(jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
+    async with p.db.engine.begin() as conn:
+        if batch["state"] == BatchState.CANCELLED.value:
+            result = await conn.execute(
+                sa.update(jobs).where(in_batch).values(state=JobState.CANCELLED.value, settled_at=now, updated_at=now)
+            )
+            report.cancelled += result.rowcount
+            return
+        code = "expired" if batch["state"] == BatchState.EXPIRED.value else "missing_result"
+        error = {"code": code, "message": "the provider returned no result for this request", "batch_id": batch_id}
+        requeued = await conn.execute(
+            sa.update(jobs)
+            .where(in_batch, jobs.c.attempts < p.settings.max_attempts)
+            .values(state=JobState.QUEUED.value, error_code=code, error=error, queued_at=now, updated_at=now)
+        )
+        failed = await conn.execute(
+            sa.update(jobs)
+            .where(in_batch)
+            .values(state=JobState.FAILED.value, error_code=code, error=error, settled_at=now, updated_at=now)
+        )
+    report.missing += requeued.rowcount + failed.rowcount
+    if report.missing:
+        logger.warning("batch %s: %d job(s) had no result line", batch_id, report.missing)
+
+
+async def _requeue_token_limited(p: Pipeline, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
+    """The provider's enqueued-token cap failed the batch: not the jobs' fault. Requeue them, pause the model."""
+    batch_id = batch["id"]
+    async with p.db.engine.begin() as conn:
+        result = await conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.batch_id == batch_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value]))
+            .values(
+                state=JobState.QUEUED.value,
+                # the attempt that never ran is given back
+                attempts=sa.case(
+                    (jobs.c.state == JobState.SUBMITTED.value, jobs.c.attempts - 1), else_=jobs.c.attempts
+                ),
+                queued_at=now,
+                updated_at=now,
+            )
+        )
+        report.requeued += result.rowcount
+        previous = await conn.scalar(
+            sa.select(pauses.c.backoff_s).where(pauses.c.account == batch["account"], pauses.c.model == batch["model"])
+        )
+        backoff = pause_backoff(previous, base_s=p.settings.token_limit_pause_s)
+        until = now + timedelta(seconds=backoff)
+        values = {"account": batch["account"], "model": batch["model"], "until": until, "backoff_s": backoff}
+        stmt = p.db.insert(pauses).values(**values, reason=TOKEN_LIMIT)
+        await conn.execute(
+            stmt.on_conflict_do_update(index_elements=["account", "model"], set_={"until": until, "backoff_s": backoff})
+        )
+    logger.warning(
+        "batch %s hit the token limit: %d job(s) requeued, %s/%s paused %.0fs",
+        batch_id,
+        report.requeued,
+        batch["account"],
+        batch["model"],
+        backoff,
+    )
+
+
+async def _settle_failed_batch(p: Pipeline, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
+    """A batch the provider failed as a whole.
+
+    Errors that name a line fail that line's job with the provider's message; the other jobs were not
+    at fault and go back to the queue with their attempt given back. Without any line errors the
+    batch's failure counts as an attempt for every job.
+    """
+    batch_id = batch["id"]
+    errors = [e for e in (batch["errors"] or []) if isinstance(e, dict)]
+    line_errors = {int(e["line"]): e for e in errors if isinstance(e.get("line"), int) and e["line"] >= 1}
+    async with p.db.engine.begin() as conn:
+        # the file held the batch's jobs that were still packed when it was written, in id order; those
+        # are the submitted ones now (jobs cancelled while the batch was open were not in it)
+        ordered = [
+            r[0]
+            for r in await conn.execute(
+                sa.select(jobs.c.id)
+                .where(jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
+                .order_by(jobs.c.id)
+            )
+        ]
+        bad = {ordered[line - 1]: e for line, e in line_errors.items() if line <= len(ordered)}
+        for job_id, e in bad.items():
+            code = str(e.get("code") or "invalid_request")[:64]
+            error = {"code": code, "message": e.get("message"), "line": e.get("line"), "batch_id": batch_id}
+            result = await conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value]))
+                .values(state=JobState.FAILED.value, error_code=code, error=error, settled_at=now, updated_at=now)
+            )
+            report.failed += result.rowcount
+        first = errors[0] if errors else {"code": "batch_failed", "message": "the provider failed the batch"}
+        error = {
+            "code": str(first.get("code") or "batch_failed")[:64],
+            "message": first.get("message"),
+            "batch_id": batch_id,
+        }
+        in_batch = sa.and_(
+            jobs.c.batch_id == batch_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value])
+        )
+        if bad:
+            give_back = sa.case((jobs.c.state == JobState.SUBMITTED.value, jobs.c.attempts - 1), else_=jobs.c.attempts)
+            result = await conn.execute(
+                sa.update(jobs)
+                .where(in_batch)
+                .values(state=JobState.QUEUED.value, attempts=give_back, queued_at=now, updated_at=now)
+            )
+            report.requeued += result.rowcount
+            return
+        # jobs still packed were refused at submit and never counted an attempt: count it now, or a batch
+        # the provider always refuses would be packed and refused forever
+        counted = sa.case((jobs.c.state == JobState.PACKED.value, jobs.c.attempts + 1), else_=jobs.c.attempts)
+        requeued = await conn.execute(
+            sa.update(jobs)
+            .where(in_batch, counted < p.settings.max_attempts)
+            .values(
+                state=JobState.QUEUED.value,
+                attempts=counted,
+                error_code=error["code"],
+                error=error,
+                queued_at=now,
+                updated_at=now,
+            )
+        )
+        failed = await conn.execute(
+            sa.update(jobs)
+            .where(in_batch)
+            .values(
+                state=JobState.FAILED.value,
+                attempts=counted,
+                error_code=error["code"],
+                error=error,
+                settled_at=now,
+                updated_at=now,
+            )
+        )
+        report.requeued += requeued.rowcount
+        report.failed += failed.rowcount
+
+
+def _status_from_row(batch: Mapping[str, Any]) -> BatchStatus:
+    return BatchStatus(
+        provider_batch_id=batch["provider_batch_id"],
+        state=BatchState(batch["state"]),
+        provider_state=batch["provider_state"] or "",
+        output_file_id=batch["output_file_id"],
+        error_file_id=batch["error_file_id"],
+        results_ref=batch["output_file_id"],
+        errors=list(batch["errors"] or []),
+    )
