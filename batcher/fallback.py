@@ -201,7 +201,7 @@ async def run(p: Pipeline, account: str, now: datetime) -> FallbackReport:
                     report.requeued += 1
                 else:
                     try:
-                        outcome = await adapter.run_realtime(job.id, job.endpoint, job.body)
+                        outcome = await adapter.run_realtime(job.id, job.endpoint, job.body, attempt=job.attempt)
                     except ProviderError as exc:
                         await _settle_error(p, job, exc, lease.touched_at(), report)
                     else:

@@ -279,7 +279,9 @@ class FakeProvider(ProviderAdapter):
         self.deleted_files.append(file_id)
         self._after("delete_file")
 
-    async def run_realtime(self, custom_id: str, endpoint: str, body_json: str) -> Outcome:
+    async def run_realtime(
+        self, custom_id: str, endpoint: str, body_json: str, *, attempt: int | None = None
+    ) -> Outcome:
         """Answer from the same script: the ``FAIL_*`` results fail, anything else succeeds."""
         self._before("run_realtime")
         self.realtime_received[custom_id] += 1

@@ -12,7 +12,7 @@ or build the app with :func:`create_app` and serve it yourself. ``GET /_emulator
 from __future__ import annotations
 
 from batcher.emulator.app import create_app, run_emulator, serve_emulator
-from batcher.emulator.openai_api import STATE_KEY
+from batcher.emulator.http import STATE_KEY
 from batcher.emulator.settings import EmulatorSettings
 from batcher.emulator.state import EmulatorState
 

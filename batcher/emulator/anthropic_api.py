@@ -14,7 +14,8 @@ Routes (on the same app as the OpenAI side; the Anthropic SDK's ``base_url`` is 
 Every call needs an API key: ``x-api-key: <any key>`` as the API documents, or ``Authorization: Bearer <key>``,
 which is what the anthropic 2.x SDK sends for ``api_key``. ``anthropic-version`` is accepted, not required.
 Errors have Anthropic's shape ``{"type": "error", "error": {"type", "message"}, "request_id"}`` and every answer
-carries a ``request-id`` header.
+carries a ``request-id`` header. Real-time Messages honour an ``Idempotency-Key`` when ``idempotency_keys`` is on
+(:func:`batcher.emulator.http.answer_once`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import orjson
 from aiohttp import web
@@ -33,13 +33,15 @@ from batcher.emulator.anthropic_batches import AnthropicBatches, message_batch_o
 from batcher.emulator.anthropic_errors import AnthropicApiError, invalid_request
 from batcher.emulator.anthropic_models import InvalidParams, check_params, fake_message, new_id
 from batcher.emulator.anthropic_requests import ParsedRequests, RequestsBodyParser
-from batcher.emulator.openai_api import STATE_KEY, drop_connection
+from batcher.emulator.http import STATE_KEY, Dialect, answer_once, drain, int_query, json_response
+from batcher.emulator.state import EmulatorState
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ANTHROPIC_KEY",
     "MAX_MESSAGE_BYTES",
+    "AnthropicDialect",
     "add_anthropic_routes",
     "anthropic_middleware",
     "is_anthropic_path",
@@ -53,16 +55,10 @@ _FEED_BYTES = 1024 * 1024
 _LIST_MAX = 1000
 _API_PREFIX = "/v1/messages"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def is_anthropic_path(path: str) -> bool:
     """Whether a request path belongs to the Anthropic side."""
     return path == _API_PREFIX or path.startswith(_API_PREFIX + "/")
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 def _batches(request: web.Request) -> AnthropicBatches:
@@ -76,98 +72,62 @@ def _origin(request: web.Request) -> str:
 # ---------------------------------------------------------------------------- middleware
 
 
-def _check_auth(request: web.Request) -> None:
-    if request.headers.get("x-api-key", "").strip():
-        return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return
-    raise AnthropicApiError("authentication_error", "x-api-key header is required")
+class AnthropicDialect(Dialect):
+    """Anthropic's side of the HTTP layer: a key on every call, faults cycling 429/529/500 (the shared
+    ``api_error_rate`` dice), ``request-id``."""
+
+    request_id_header = "request-id"
+    fault_cycle = ("429", "529", "500")
+
+    def new_request_id(self) -> str:
+        return new_id("req_")
+
+    def check_auth(self, request: web.Request) -> None:
+        if request.headers.get("x-api-key", "").strip():
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return
+        raise AnthropicApiError("authentication_error", "x-api-key header is required")
+
+    def fault_error(self, kind: str, state: EmulatorState) -> AnthropicApiError:
+        """An injected fault: 429 (with ``retry-after``), 529 or 503 (overloaded), or 500."""
+        if kind == "429":
+            retry_after = state.settings.retry_after_s
+            return AnthropicApiError(
+                "rate_limit_error",
+                f"This request would exceed the rate limit for your organization. Please try again in {retry_after} "
+                "second(s).",
+                headers={"retry-after": str(retry_after)},
+            )
+        if kind in ("529", "503"):
+            return AnthropicApiError("overloaded_error", "Overloaded")
+        return self.server_error()
+
+    def http_error(self, exc: web.HTTPException, request: web.Request) -> AnthropicApiError:
+        if exc.status == 404:
+            return AnthropicApiError("not_found_error", f"Not found: {request.method} {request.path}")
+        if exc.status == 405:
+            return AnthropicApiError(
+                "invalid_request_error", f"Method {request.method} is not allowed on {request.path}", status=405
+            )
+        if exc.status == 413:
+            return AnthropicApiError("request_too_large", "Request exceeds the maximum allowed number of bytes.")
+        return AnthropicApiError("invalid_request_error", exc.reason or "Bad request.", status=exc.status)
+
+    def server_error(self) -> AnthropicApiError:
+        return AnthropicApiError("api_error", "Internal server error")
 
 
-def _draw_fault(request: web.Request) -> AnthropicApiError | Literal["reset"] | None:
-    """Roll the shared ``api_error_rate`` dice; injected faults cycle through 429, 529 and 500 (or the
-    ``api_error_kinds`` knob); ``"reset"`` drops the connection."""
-    state = request.app[STATE_KEY]
-    kind = state.draw_api_fault_kind(("429", "529", "500"))
-    if kind is None:
-        return None
-    if kind == "reset":
-        return "reset"
-    if kind == "429":
-        retry_after = state.settings.retry_after_s
-        return AnthropicApiError(
-            "rate_limit_error",
-            f"This request would exceed the rate limit for your organization. Please try again in {retry_after} "
-            "second(s).",
-            headers={"retry-after": str(retry_after)},
-        )
-    if kind in ("529", "503"):
-        return AnthropicApiError("overloaded_error", "Overloaded")
-    return AnthropicApiError("api_error", "Internal server error")
-
-
-async def _drain(request: web.Request) -> None:
-    """Read and drop the rest of the body so the client sees the answer rather than a reset connection."""
-    while await request.content.readany():
-        pass
-
-
-def _http_error(exc: web.HTTPException, request: web.Request) -> AnthropicApiError:
-    if exc.status == 404:
-        return AnthropicApiError("not_found_error", f"Not found: {request.method} {request.path}")
-    if exc.status == 405:
-        return AnthropicApiError(
-            "invalid_request_error", f"Method {request.method} is not allowed on {request.path}", status=405
-        )
-    if exc.status == 413:
-        return AnthropicApiError("request_too_large", "Request exceeds the maximum allowed number of bytes.")
-    return AnthropicApiError("invalid_request_error", exc.reason or "Bad request.", status=exc.status)
-
-
-@web.middleware
-async def anthropic_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authentication, injected faults, Anthropic-shaped errors and ``request-id`` on every answer."""
-    request_id = new_id("req_")
-    response: web.StreamResponse
-    try:
-        _check_auth(request)
-        fault = _draw_fault(request)
-        if fault is not None:
-            await _drain(request)
-            if fault == "reset":
-                drop_connection(request)
-            logger.info("injected HTTP %s on %s %s", fault.status, request.method, request.path)
-            raise fault
-        response = await handler(request)
-    except AnthropicApiError as exc:
-        response = _json(exc.body(request_id), exc.status)
-        response.headers.update(exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error = _http_error(exc, request)
-        response = _json(error.body(request_id), error.status)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
-        response = _json(AnthropicApiError("api_error", "Internal server error").body(request_id), 500)
-    response.headers["request-id"] = request_id
-    return response
+#: authentication, injected faults, Anthropic-shaped errors and ``request-id`` on every answer
+anthropic_middleware = AnthropicDialect().middleware()
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise invalid_request(f"{name}: Input should be a valid integer") from None
+    value = int_query(request, name, default, lambda raw: invalid_request(f"{name}: Input should be a valid integer"))
     if value < low:
         raise invalid_request(f"{name}: Input should be greater than or equal to {low}")
     if value > high:
@@ -184,7 +144,7 @@ async def _read_json(request: web.Request, max_bytes: int) -> Any:
             if len(data) > max_bytes:
                 break
     if (declared is not None and declared > max_bytes) or len(data) > max_bytes:
-        await _drain(request)
+        await drain(request)
         raise AnthropicApiError(
             "request_too_large", f"Request exceeds the maximum allowed number of bytes ({max_bytes})."
         )
@@ -231,11 +191,11 @@ async def create_batch(request: web.Request) -> web.Response:
     except BaseException as exc:
         path.unlink(missing_ok=True)
         if isinstance(exc, AnthropicApiError):
-            await _drain(request)
+            await drain(request)
         raise
     now = time.time()
     batch = await batches.register(batch_id, path, parsed, now)
-    return _json(message_batch_object(batch, _origin(request)))
+    return json_response(message_batch_object(batch, _origin(request)))
 
 
 async def list_batches(request: web.Request) -> web.Response:
@@ -248,7 +208,7 @@ async def list_batches(request: web.Request) -> web.Response:
     )
     origin = _origin(request)
     data = [message_batch_object(b, origin) for b in page]
-    return _json(
+    return json_response(
         {
             "data": data,
             "has_more": has_more,
@@ -262,20 +222,20 @@ async def retrieve_batch(request: web.Request) -> web.Response:
     """``GET /v1/messages/batches/{id}``."""
     batches = _batches(request)
     await batches.advance(time.time())
-    return _json(message_batch_object(batches.get(request.match_info["batch_id"]), _origin(request)))
+    return json_response(message_batch_object(batches.get(request.match_info["batch_id"]), _origin(request)))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
     """``POST /v1/messages/batches/{id}/cancel``."""
     batch = await _batches(request).cancel(request.match_info["batch_id"], time.time())
-    return _json(message_batch_object(batch, _origin(request)))
+    return json_response(message_batch_object(batch, _origin(request)))
 
 
 async def delete_batch(request: web.Request) -> web.Response:
     """``DELETE /v1/messages/batches/{id}``."""
     batch_id = request.match_info["batch_id"]
     await _batches(request).delete(batch_id, time.time())
-    return _json({"id": batch_id, "type": "message_batch_deleted"})
+    return json_response({"id": batch_id, "type": "message_batch_deleted"})
 
 
 async def batch_results(request: web.Request) -> web.StreamResponse:
@@ -288,7 +248,7 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
 
 
 async def create_message(request: web.Request) -> web.Response:
-    """``POST /v1/messages``: one Message from the fake model (no streaming)."""
+    """``POST /v1/messages``: one Message from the fake model (no streaming), once per ``Idempotency-Key``."""
     body = await _read_json(request, MAX_MESSAGE_BYTES)
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
@@ -297,14 +257,18 @@ async def create_message(request: web.Request) -> web.Response:
     except InvalidParams as exc:
         raise invalid_request(exc.message) from None
     batches = _batches(request)
-    message, _ = fake_message(
-        body,
-        seed=batches.settings.seed,
-        request_key=f"realtime:{new_id('')}",
-        cache=batches.prompt_cache,
-        service_tier="standard",
-    )
-    return _json(message)
+
+    def answer() -> dict[str, Any]:
+        message, _ = fake_message(
+            body,
+            seed=batches.settings.seed,
+            request_key=f"realtime:{new_id('')}",
+            cache=batches.prompt_cache,
+            service_tier="standard",
+        )
+        return message
+
+    return answer_once(request, body, answer, invalid_request)
 
 
 def add_anthropic_routes(app: web.Application) -> None:

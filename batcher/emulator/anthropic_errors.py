@@ -1,14 +1,16 @@
 """Errors the Anthropic side of the emulator answers with, in Anthropic's wire format.
 
 :class:`AnthropicApiError` is raised anywhere below the HTTP layer and turned into
-``{"type": "error", "error": {"type", "message"}, "request_id"}`` by the middleware in
-:mod:`batcher.emulator.anthropic_api`. The HTTP status follows the error type as Anthropic documents it.
+``{"type": "error", "error": {"type", "message"}, "request_id"}`` by the middleware of
+:mod:`batcher.emulator.http`. The HTTP status follows the error type as Anthropic documents it.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from batcher.emulator.errors import HttpError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ STATUS_BY_TYPE: dict[str, int] = {
 }
 
 
-class AnthropicApiError(Exception):
+class AnthropicApiError(HttpError):
     """An HTTP error answer in Anthropic's format.
 
     Args:
@@ -48,7 +50,7 @@ class AnthropicApiError(Exception):
         self.status = status if status is not None else STATUS_BY_TYPE.get(type, 400)
         self.headers = dict(headers or {})
 
-    def body(self, request_id: str | None) -> dict[str, Any]:
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
         """The JSON body Anthropic sends for this error."""
         return {"type": "error", "error": {"type": self.type, "message": self.message}, "request_id": request_id}
 

@@ -15,14 +15,15 @@ import asyncio
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
 
 from batcher.emulator.anthropic_api import add_anthropic_routes, anthropic_middleware, is_anthropic_path
-from batcher.emulator.openai_api import STATE_KEY, add_routes, openai_middleware
+from batcher.emulator.http import STATE_KEY, Handler
+from batcher.emulator.openai_api import add_routes, openai_middleware
 from batcher.emulator.settings import EmulatorSettings
 from batcher.emulator.state import EmulatorState
 
@@ -30,11 +31,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["create_app", "run_emulator", "serve_emulator"]
 
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @web.middleware
-async def _provider_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def _provider_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Each API's own authentication, fault injection and error format, chosen by path."""
     if is_anthropic_path(request.path):
         return await anthropic_middleware(request, handler)

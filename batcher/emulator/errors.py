@@ -1,8 +1,10 @@
 """Errors the emulator answers with, in OpenAI's wire format.
 
-The tree is flat: :class:`ApiError` is raised anywhere below the HTTP layer and turned into a JSON
-response ``{"error": {"message", "type", "param", "code"}}`` by the error middleware in
-:mod:`batcher.emulator.openai_api`. The helpers build the common cases with OpenAI's wording.
+:class:`HttpError` is the root both emulated APIs share; the middleware of :mod:`batcher.emulator.http` turns one
+into a JSON answer with :meth:`HttpError.body`. :class:`ApiError` (OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``) is raised anywhere below the OpenAI routes, and
+:class:`~batcher.emulator.anthropic_errors.AnthropicApiError` below the Anthropic ones. The helpers build the
+common cases with OpenAI's wording.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ApiError",
+    "HttpError",
     "invalid_type",
     "invalid_value",
     "missing_parameter",
@@ -21,7 +24,23 @@ __all__ = [
 ]
 
 
-class ApiError(Exception):
+class HttpError(Exception):
+    """An HTTP error answer of one of the emulated APIs.
+
+    Attributes:
+        status: HTTP status code.
+        headers: Extra response headers (e.g. ``Retry-After``).
+    """
+
+    status: int
+    headers: dict[str, str]
+
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        """The JSON body of the answer, in the API's own shape; ``request_id`` is the answer's request id."""
+        raise NotImplementedError
+
+
+class ApiError(HttpError):
     """An HTTP error answer in OpenAI's format.
 
     Args:
@@ -51,8 +70,8 @@ class ApiError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
-    def body(self) -> dict[str, Any]:
-        """Return the JSON body OpenAI sends for this error."""
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        """Return the JSON body OpenAI sends for this error (the request id is only in ``x-request-id``)."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 

@@ -17,7 +17,8 @@ Routes::
     POST   /_emulator/reset             forget everything
 
 Every ``/v1`` call needs ``Authorization: Bearer <any key>``. Errors always have OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``; bad input is a 400 naming the field.
+``{"error": {"message", "type", "param", "code"}}``; bad input is a 400 naming the field. The real-time calls
+honour an ``Idempotency-Key`` when ``idempotency_keys`` is on (:func:`batcher.emulator.http.answer_once`).
 """
 
 from __future__ import annotations
@@ -26,23 +27,21 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
 import orjson
 from aiohttp import BodyPartReader, web
 
 from batcher.emulator.errors import ApiError, invalid_type, invalid_value, missing_parameter
 from batcher.emulator.fake_models import SUPPORTED_ENDPOINTS, InvalidBody, fake_response
+from batcher.emulator.http import Dialect, answer_once, int_query, json_response, state_of
 from batcher.emulator.objects import file_object
-from batcher.emulator.state import EmulatorState
+from batcher.emulator.state import ORGANIZATION, EmulatorState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BATCH_ENDPOINTS", "FILE_PURPOSES", "STATE_KEY", "add_routes", "drop_connection", "openai_middleware"]
-
-STATE_KEY: web.AppKey[EmulatorState] = web.AppKey("batcher_emulator_state", EmulatorState)
+__all__ = ["BATCH_ENDPOINTS", "FILE_PURPOSES", "OpenAIDialect", "add_routes", "openai_middleware"]
 
 BATCH_ENDPOINTS = (
     "/v1/responses",
@@ -63,105 +62,81 @@ _WRITE_CHUNK = 1024 * 1024
 _SMALL_FIELD_MAX = 64 * 1024
 _CREATE_BATCH_FIELDS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"})
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def _state(request: web.Request) -> EmulatorState:
-    return request.app[STATE_KEY]
-
-
 # ---------------------------------------------------------------------------- middleware
 
 
-def _check_auth(request: web.Request) -> None:
-    header = request.headers.get("Authorization")
-    if not header:
-        raise ApiError(
-            401,
-            "You didn't provide an API key. You need to provide your API key in an Authorization header using "
-            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-        )
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise ApiError(401, "Incorrect API key provided. Use 'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key")
+def _server_error() -> ApiError:
+    return ApiError(
+        500, "The server had an error while processing your request. Sorry about that!", type="server_error"
+    )
 
 
-def drop_connection(request: web.Request) -> NoReturn:
-    """Close the connection with no answer (an injected connection reset)."""
-    logger.info("injected connection reset on %s %s", request.method, request.path)
-    if request.transport is not None:
-        request.transport.abort()
-    # aiohttp treats a cancelled handler as a client that went away: nothing more is written
-    raise asyncio.CancelledError
+class OpenAIDialect(Dialect):
+    """OpenAI's side of the HTTP layer: ``Authorization: Bearer`` on ``/v1``, faults cycling 429/500,
+    ``x-request-id``."""
+
+    request_id_header = "x-request-id"
+    fault_cycle = ("429", "500")
+
+    def new_request_id(self) -> str:
+        return f"req_{uuid.uuid4().hex}"
+
+    def guarded(self, path: str) -> bool:
+        return path.startswith("/v1/") or path == "/v1"
+
+    def check_auth(self, request: web.Request) -> None:
+        header = request.headers.get("Authorization")
+        if not header:
+            raise ApiError(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+                "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            )
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(
+                401, "Incorrect API key provided. Use 'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key"
+            )
+
+    def fault_error(self, kind: str, state: EmulatorState) -> ApiError:
+        """An injected fault: 429 (with ``Retry-After``), 503, 529 or 500."""
+        if kind == "429":
+            retry_after = state.settings.retry_after_s
+            return ApiError(
+                429,
+                f"Rate limit reached for requests in organization {ORGANIZATION}. Please try again in {retry_after}s.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(retry_after)},
+            )
+        if kind == "503":
+            return ApiError(503, "The engine is currently overloaded, please try again later.", type="server_error")
+        if kind == "529":
+            return ApiError(529, "The server is overloaded.", type="server_error")
+        return _server_error()
+
+    def http_error(self, exc: web.HTTPException, request: web.Request) -> ApiError:
+        if exc.status == 404:
+            return ApiError(404, f"Invalid URL ({request.method} {request.path})")
+        if exc.status == 405:
+            return ApiError(405, f"Invalid method for URL ({request.method} {request.path})")
+        if exc.status == 413:
+            return ApiError(413, "Request body too large.")
+        return ApiError(exc.status, exc.reason or "Bad request.")
+
+    def server_error(self) -> ApiError:
+        return _server_error()
 
 
-async def _drain(request: web.Request) -> None:
-    """Read and drop the request body so the client sees the answer rather than a reset connection."""
-    while await request.content.readany():
-        pass
-
-
-def _http_error(exc: web.HTTPException, request: web.Request) -> ApiError:
-    if exc.status == 404:
-        return ApiError(404, f"Invalid URL ({request.method} {request.path})")
-    if exc.status == 405:
-        return ApiError(405, f"Invalid method for URL ({request.method} {request.path})")
-    if exc.status == 413:
-        return ApiError(413, "Request body too large.")
-    return ApiError(exc.status, exc.reason or "Bad request.")
-
-
-@web.middleware
-async def openai_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authentication, injected faults, OpenAI-shaped errors and ``x-request-id`` on every answer."""
-    request_id = f"req_{uuid.uuid4().hex}"
-    response: web.StreamResponse
-    try:
-        if request.path.startswith("/v1/") or request.path == "/v1":
-            _check_auth(request)
-            fault = _state(request).draw_api_fault()
-            if fault is not None:
-                await _drain(request)
-                if fault == "reset":
-                    drop_connection(request)
-                logger.info("injected HTTP %s on %s %s", fault.status, request.method, request.path)
-                raise fault
-        response = await handler(request)
-    except ApiError as exc:
-        response = _json(exc.body(), exc.status)
-        response.headers.update(exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        error = _http_error(exc, request)
-        response = _json(error.body(), error.status)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
-        error = ApiError(
-            500, "The server had an error while processing your request. Sorry about that!", type="server_error"
-        )
-        response = _json(error.body(), 500)
-    response.headers["x-request-id"] = request_id
-    return response
+#: authentication, injected faults, OpenAI-shaped errors and ``x-request-id`` on every answer
+openai_middleware = OpenAIDialect().middleware()
 
 
 # ---------------------------------------------------------------------------- query helpers
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise invalid_type(name, "an integer", raw) from None
+    value = int_query(request, name, default, lambda raw: invalid_type(name, "an integer", raw))
     if not low <= value <= high:
         raise invalid_value(
             name, f"Invalid '{name}': expected an integer between {low} and {high}, but got {value} instead."
@@ -228,7 +203,7 @@ def _parse_seconds(param: str, raw: str) -> int:
 
 async def create_file(request: web.Request) -> web.Response:
     """``POST /v1/files``: store the uploaded file on disk, streaming."""
-    state = _state(request)
+    state = state_of(request)
     if not request.content_type.startswith("multipart/"):
         raise invalid_value("file", "Invalid request: expected a multipart/form-data body with 'file' and 'purpose'.")
     fields: dict[str, str] = {}
@@ -279,7 +254,7 @@ async def create_file(request: web.Request) -> web.Response:
         file_id, path, filename=filename, purpose=purpose, size=size, now=time.time(), expires_after_s=expires_after_s
     )
     logger.info("file %s uploaded (%s, %d bytes)", record.id, purpose, size)
-    return _json(file_object(record))
+    return json_response(file_object(record))
 
 
 async def list_files(request: web.Request) -> web.Response:
@@ -288,28 +263,28 @@ async def list_files(request: web.Request) -> web.Response:
     order = request.query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise invalid_value("order", f"Invalid value for 'order': '{order}'. Supported values are: 'asc', 'desc'.")
-    records, has_more = _state(request).list_files(
+    records, has_more = state_of(request).list_files(
         purpose=request.query.get("purpose"), order=order, after=request.query.get("after"), limit=limit
     )
-    return _json(_list_body([file_object(r) for r in records], has_more))
+    return json_response(_list_body([file_object(r) for r in records], has_more))
 
 
 async def retrieve_file(request: web.Request) -> web.Response:
     """``GET /v1/files/{file_id}``."""
-    return _json(file_object(_state(request).get_file(request.match_info["file_id"])))
+    return json_response(file_object(state_of(request).get_file(request.match_info["file_id"])))
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
     """``GET /v1/files/{file_id}/content``: the file, streamed from disk."""
-    record = _state(request).get_file(request.match_info["file_id"])
+    record = state_of(request).get_file(request.match_info["file_id"])
     return web.FileResponse(record.path, headers={"Content-Type": "application/octet-stream"})
 
 
 async def delete_file(request: web.Request) -> web.Response:
     """``DELETE /v1/files/{file_id}``."""
     file_id = request.match_info["file_id"]
-    _state(request).delete_file(file_id)
-    return _json({"id": file_id, "object": "file", "deleted": True})
+    state_of(request).delete_file(file_id)
+    return json_response({"id": file_id, "object": "file", "deleted": True})
 
 
 # ---------------------------------------------------------------------------- batches
@@ -409,7 +384,7 @@ async def create_batch(request: web.Request) -> web.Response:
         raise invalid_value("completion_window", f"Invalid value: '{window}'. Supported values are: '24h'.")
     metadata = _metadata(body.get("metadata"))
     output_expires_after_s = _output_expires_after(body.get("output_expires_after"))
-    state = _state(request)
+    state = state_of(request)
     now = time.time()
     batch = await state.create_batch(
         input_file_id=input_file_id,
@@ -418,40 +393,41 @@ async def create_batch(request: web.Request) -> web.Response:
         output_expires_after_s=output_expires_after_s,
         now=now,
     )
-    return _json(state.batch_json(batch, now))
+    return json_response(state.batch_json(batch, now))
 
 
 async def list_batches(request: web.Request) -> web.Response:
     """``GET /v1/batches``: newest first."""
     limit = _int_query(request, "limit", 20, 1, 100)
-    state = _state(request)
+    state = state_of(request)
     now = time.time()
     await state.advance(now)
     batches, has_more = state.list_batches(after=request.query.get("after"), limit=limit)
-    return _json(_list_body([state.batch_json(b, now) for b in batches], has_more))
+    return json_response(_list_body([state.batch_json(b, now) for b in batches], has_more))
 
 
 async def retrieve_batch(request: web.Request) -> web.Response:
     """``GET /v1/batches/{batch_id}``."""
-    state = _state(request)
+    state = state_of(request)
     now = time.time()
     await state.advance(now)
-    return _json(state.batch_json(state.get_batch(request.match_info["batch_id"]), now))
+    return json_response(state.batch_json(state.get_batch(request.match_info["batch_id"]), now))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
     """``POST /v1/batches/{batch_id}/cancel``."""
-    state = _state(request)
+    state = state_of(request)
     now = time.time()
     batch = await state.cancel_batch(request.match_info["batch_id"], now)
-    return _json(state.batch_json(batch, now))
+    return json_response(state.batch_json(batch, now))
 
 
 # ---------------------------------------------------------------------------- real-time endpoints
 
 
 async def realtime(request: web.Request) -> web.Response:
-    """``POST /v1/chat/completions`` and friends: one synchronous fake answer (no streaming)."""
+    """``POST /v1/chat/completions`` and friends: one synchronous fake answer (no streaming), once per
+    ``Idempotency-Key``."""
     body = await _json_body(request)
     endpoint = request.path
     if endpoint != "/v1/moderations":
@@ -462,17 +438,21 @@ async def realtime(request: web.Request) -> web.Response:
             raise invalid_type("model", "a string", model)
     if body.get("stream"):
         raise invalid_value("stream", "The emulator does not support streaming responses; omit 'stream'.")
-    try:
-        response, _ = fake_response(
-            endpoint,
-            body,
-            seed=_state(request).settings.seed,
-            request_key=f"realtime:{uuid.uuid4().hex}",
-            created=int(time.time()),
-        )
-    except InvalidBody as exc:
-        raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
-    return _json(response)
+
+    def answer() -> dict[str, Any]:
+        try:
+            response, _ = fake_response(
+                endpoint,
+                body,
+                seed=state_of(request).settings.seed,
+                request_key=f"realtime:{uuid.uuid4().hex}",
+                created=int(time.time()),
+            )
+        except InvalidBody as exc:
+            raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
+        return response
+
+    return answer_once(request, body, answer, lambda message: ApiError(400, message))
 
 
 # ---------------------------------------------------------------------------- emulator control
@@ -480,15 +460,15 @@ async def realtime(request: web.Request) -> web.Response:
 
 async def emulator_stats(request: web.Request) -> web.Response:
     """``GET /_emulator/stats``."""
-    state = _state(request)
+    state = state_of(request)
     await state.advance(time.time())
-    return _json(state.stats())
+    return json_response(state.stats())
 
 
 async def emulator_reset(request: web.Request) -> web.Response:
     """``POST /_emulator/reset``."""
-    await _state(request).reset()
-    return _json({"reset": True})
+    await state_of(request).reset()
+    return json_response({"reset": True})
 
 
 def add_routes(app: web.Application) -> None:

@@ -47,6 +47,9 @@ class EmulatorSettings(BaseSettings):
         expire_ordinals: Batches (by creation number, 1-based) that expire part-done, on top of
             ``expire_rate``, e.g. ``[3]`` for exactly one expired batch in a run.
         malformed_rate: Fraction of result lines (0..1) written truncated, as unreadable JSON.
+        idempotency_keys: Honour an ``Idempotency-Key`` header on the real-time endpoints: a request sent again
+            with a key already answered gets the same answer back and is not counted again. Off by default,
+            like the APIs it emulates: neither OpenAI nor Anthropic documents honouring the header there.
         seed: Seed of every random decision; the same seed and the same calls give the same run.
         max_requests: Most request lines in one batch input file.
         max_bytes: Largest batch input file in bytes.
@@ -67,6 +70,7 @@ class EmulatorSettings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=0, le=3600)
     expire_ordinals: frozenset[int] = frozenset()
     malformed_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    idempotency_keys: bool = False
     seed: int = 0
     max_requests: int = Field(default=50_000, gt=0)
     max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)

@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from batcher.emulator.errors import ApiError, invalid_value, not_found
 from batcher.emulator.fake_models import SUPPORTED_ENDPOINTS
@@ -40,6 +40,8 @@ __all__ = ["ORGANIZATION", "EmulatorState"]
 
 ORGANIZATION = "org-emulator"
 INPUT_FILE_TTL_S = 30 * 24 * 3600  # files with purpose=batch expire after 30 days by default
+#: real-time answers kept for their ``Idempotency-Key`` at most; the oldest is forgotten first
+MAX_KEPT_ANSWERS = 100_000
 
 
 class EmulatorState:
@@ -72,6 +74,9 @@ class EmulatorState:
         self.files_uploaded = 0
         self.api_errors_injected = 0
         self.requests_by_custom_id: Counter[str] = Counter()
+        self.realtime_answers = 0
+        self.realtime_replays = 0
+        self._answers: dict[str, tuple[str, bytes]] = {}  # Idempotency-Key -> (request fingerprint, answer)
 
     # ------------------------------------------------------------------ files
 
@@ -389,7 +394,7 @@ class EmulatorState:
             self._orphans.discard(path)
             path.unlink(missing_ok=True)
 
-    # ------------------------------------------------------------------ faults, stats, reset
+    # ------------------------------------------------------------------ faults
 
     def draw_api_fault_kind(self, default_cycle: tuple[str, ...]) -> str | None:
         """Roll the ``api_error_rate`` dice for one HTTP call: the kind of fault to inject, or ``None``.
@@ -403,29 +408,34 @@ class EmulatorState:
         cycle = tuple(self.settings.api_error_kinds) or default_cycle
         return cycle[(self.api_errors_injected - 1) % len(cycle)]
 
-    def draw_api_fault(self) -> ApiError | Literal["reset"] | None:
-        """Roll the dice for one OpenAI call: the error to answer with, ``"reset"`` to drop the connection."""
-        kind = self.draw_api_fault_kind(("429", "500"))
-        if kind is None:
+    # ------------------------------------------------------------------ real-time answers
+
+    def stored_answer(self, key: str, fingerprint: str) -> bytes | None:
+        """The real-time answer kept under an ``Idempotency-Key``, counted as a replay; ``None`` if none is kept.
+
+        Raises:
+            ValueError: the key was first sent with another request (``fingerprint`` differs).
+        """
+        stored = self._answers.get(key)
+        if stored is None:
             return None
-        if kind == "reset":
-            return "reset"
-        if kind == "429":
-            retry_after = self.settings.retry_after_s
-            return ApiError(
-                429,
-                f"Rate limit reached for requests in organization {ORGANIZATION}. Please try again in {retry_after}s.",
-                type="requests",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry_after)},
+        if stored[0] != fingerprint:
+            raise ValueError(
+                f"Idempotency-Key {key!r} was already used with another request; use a new key for a new request."
             )
-        if kind == "503":
-            return ApiError(503, "The engine is currently overloaded, please try again later.", type="server_error")
-        if kind == "529":
-            return ApiError(529, "The server is overloaded.", type="server_error")
-        return ApiError(
-            500, "The server had an error while processing your request. Sorry about that!", type="server_error"
-        )
+        self.realtime_replays += 1
+        return stored[1]
+
+    def store_answer(self, key: str | None, fingerprint: str, answer: bytes) -> None:
+        """Count a real-time answer and keep it under its ``Idempotency-Key``, if it came with one."""
+        self.realtime_answers += 1
+        if key is None:
+            return
+        self._answers[key] = (fingerprint, answer)
+        if len(self._answers) > MAX_KEPT_ANSWERS:
+            del self._answers[next(iter(self._answers))]  # the oldest: dicts keep insertion order
+
+    # ------------------------------------------------------------------ stats, reset
 
     def stats(self) -> dict[str, Any]:
         """Counters for tests and demos."""
@@ -434,6 +444,8 @@ class EmulatorState:
             "files_uploaded": self.files_uploaded,
             "requests_by_custom_id": dict(self.requests_by_custom_id),
             "api_errors_injected": self.api_errors_injected,
+            "realtime_answers": self.realtime_answers,
+            "realtime_replays": self.realtime_replays,
         }
 
     async def reset(self) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +30,9 @@ from anthropic.types.messages import MessageBatch
 
 from batcher.domain import BatchState, Provider
 from batcher.errors import ProviderError
-from batcher.providers.base import BatchStatus, Limits, Outcome, OutcomeKind, ProviderAdapter, RequestCounts
+from batcher.providers.base import BatchStatus, Limits, Outcome, OutcomeKind, RequestCounts
 from batcher.providers.limits import ANTHROPIC_ENDPOINT, ANTHROPIC_LIMITS
-from batcher.providers.openai import parse_retry_after
+from batcher.providers.sdk import SNIPPET_CHARS, Sdk, SdkAdapter, is_retryable_status, refused_outcome, str_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ __all__ = [
     "measure_requests_body",
     "parse_result_line",
     "realtime_error_outcome",
-    "realtime_success_outcome",
     "translate_error",
 ]
 
@@ -80,18 +78,6 @@ _BODY_PREFIX = b'{"requests":['
 _BODY_SUFFIX = b"]}"
 _READ_BYTES = 1024 * 1024
 
-# Provider messages may echo a (masked) key; never let one reach a log or an error message.
-_KEY_RE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4})[A-Za-z0-9_\-*]+")
-_SNIPPET_CHARS = 200
-
-
-def _redact(text: str) -> str:
-    return _KEY_RE.sub(r"\1…", text)
-
-
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
 
 def is_retryable_error_type(error_type: str | None) -> bool:
     """Whether a request that failed with this Anthropic error type may succeed when sent again.
@@ -100,10 +86,6 @@ def is_retryable_error_type(error_type: str | None) -> bool:
     (:data:`NON_RETRYABLE_ERROR_TYPES`, and types this code does not know) is not.
     """
     return error_type in RETRYABLE_ERROR_TYPES
-
-
-def _is_retryable_status(status_code: int) -> bool:
-    return status_code in (408, 409, 429) or status_code >= 500
 
 
 # ---------------------------------------------------------------------------- result lines
@@ -131,13 +113,13 @@ def parse_result_line(raw: bytes | str) -> Outcome | None:
     result = obj.get("result") if isinstance(obj, dict) else None
     kind = result.get("type") if isinstance(result, dict) else None
     if not isinstance(custom_id, str) or not custom_id or not isinstance(result, dict):
-        logger.warning("skipping malformed batch result line: %.*r", _SNIPPET_CHARS, raw)
+        logger.warning("skipping malformed batch result line: %.*r", SNIPPET_CHARS, raw)
         return None
 
     if kind == "succeeded":
         message = result.get("message")
         if not isinstance(message, dict):
-            logger.warning("skipping succeeded result without a message: %.*r", _SNIPPET_CHARS, raw)
+            logger.warning("skipping succeeded result without a message: %.*r", SNIPPET_CHARS, raw)
             return None
         usage = message.get("usage")
         return Outcome(
@@ -150,20 +132,20 @@ def parse_result_line(raw: bytes | str) -> Outcome | None:
         response = result.get("error")
         inner = response.get("error") if isinstance(response, dict) else None
         inner = inner if isinstance(inner, dict) else {}
-        error_type = _str_or_none(inner.get("type"))
+        error_type = str_or_none(inner.get("type"))
         return Outcome(
             custom_id=custom_id,
             kind=OutcomeKind.FAILED,
             body=orjson.dumps(response).decode() if response is not None else None,
             error_code=error_type,
-            error_message=_str_or_none(inner.get("message")),
+            error_message=str_or_none(inner.get("message")),
             retryable=is_retryable_error_type(error_type),
         )
     if kind == "canceled":
         return Outcome(custom_id, OutcomeKind.CANCELLED, error_code="canceled")
     if kind == "expired":
         return Outcome(custom_id, OutcomeKind.EXPIRED, error_code="expired", retryable=True)
-    logger.warning("skipping batch result line of unknown type %r: %.*r", kind, _SNIPPET_CHARS, raw)
+    logger.warning("skipping batch result line of unknown type %r: %.*r", kind, SNIPPET_CHARS, raw)
     return None
 
 
@@ -206,76 +188,39 @@ def batch_status_from_anthropic(batch: MessageBatch) -> BatchStatus:
 # ---------------------------------------------------------------------------- errors
 
 
-def translate_error(exc: Exception, *, provider: str, action: str) -> ProviderError:
-    """Turn an SDK or transport error into :class:`ProviderError` (the caller raises it ``from exc``).
-
-    Retryable: connection errors, timeouts, 408, 409, 429, 5xx and 529 (overloaded). Other 4xx and anything
-    else are not. ``retry_after_s`` comes from ``retry-after-ms`` / ``retry-after`` when the API sent one.
-
-    Args:
-        exc: what the SDK or httpx2 raised.
-        provider: the account name.
-        action: what was being done (``"create batch"``), for the message.
-    """
-    if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        detail = exc.api_message or exc.message
-        kind = f" {exc.type}" if exc.type else ""
-        return ProviderError(
-            _redact(f"{provider}: {action} failed: HTTP {status}{kind}: {detail}"),
-            provider=provider,
-            retryable=_is_retryable_status(status),
-            retry_after_s=parse_retry_after(exc.response.headers),
-        )
-    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
-        # The aiohttp transport reports some failures through a cause; say what lies underneath.
-        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
-        what = (
-            "timed out" if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException) else "connection error"
-        )
-        return ProviderError(_redact(f"{provider}: {action} failed: {what}{cause}"), provider=provider, retryable=True)
-    return ProviderError(
-        _redact(f"{provider}: {action} failed: {type(exc).__name__}: {exc}"), provider=provider, retryable=False
-    )
-
-
-_FOREIGN_ERRORS = (anthropic.AnthropicError, httpx2.HTTPError, httpx2.StreamError)
-
-
-def realtime_success_outcome(custom_id: str, content: bytes) -> Outcome:
-    """The outcome of a 2xx ``POST /v1/messages``; the body is kept as the API sent it.
-
-    Raises:
-        ValueError: the answer is not a JSON object.
-    """
-    data = orjson.loads(content)
-    if not isinstance(data, dict):
-        raise ValueError("real-time answer is not a JSON object")
-    usage = data.get("usage")
-    return Outcome(
-        custom_id=custom_id,
-        kind=OutcomeKind.SUCCEEDED,
-        body=content.decode(),
-        usage=usage if isinstance(usage, dict) else None,
-        status_code=200,
-    )
-
-
 def realtime_error_outcome(custom_id: str, exc: anthropic.APIStatusError) -> Outcome:
     """The FAILED outcome of a real-time request the API refused for its content (a non-retryable 4xx)."""
-    try:
-        error_text: str | None = exc.response.text
-    except httpx2.ResponseNotRead:
-        error_text = None
-    return Outcome(
-        custom_id=custom_id,
-        kind=OutcomeKind.FAILED,
-        body=error_text or None,
+    return refused_outcome(
+        custom_id,
+        exc,
         error_code=exc.type,
         error_message=exc.api_message or exc.message,
-        retryable=_is_retryable_status(exc.status_code) or is_retryable_error_type(exc.type),
-        status_code=exc.status_code,
+        retryable=is_retryable_status(exc.status_code) or is_retryable_error_type(exc.type),
     )
+
+
+def _status_detail(exc: anthropic.APIStatusError) -> str:
+    kind = f" {exc.type}" if exc.type else ""
+    return f"{kind}: {exc.api_message or exc.message}"
+
+
+ANTHROPIC_SDK: Sdk[AsyncAnthropic, anthropic.APIStatusError] = Sdk(
+    name="Anthropic",
+    client=AsyncAnthropic,
+    http_client=DefaultAioHttpClient,
+    base_error=anthropic.AnthropicError,
+    status_error=anthropic.APIStatusError,
+    connection_error=anthropic.APIConnectionError,
+    timeout_error=anthropic.APITimeoutError,
+    status_detail=_status_detail,
+    account_statuses=frozenset({401, 402, 403}),
+    refused_outcome=realtime_error_outcome,
+)
+
+
+def translate_error(exc: Exception, *, provider: str, action: str) -> ProviderError:
+    """Turn an Anthropic SDK or transport error into :class:`ProviderError` (see :meth:`Sdk.translate`)."""
+    return ANTHROPIC_SDK.translate(exc, provider=provider, action=action)
 
 
 # ---------------------------------------------------------------------------- the create body
@@ -349,7 +294,7 @@ class JsonlRequestsBody:
 # ---------------------------------------------------------------------------- the adapter
 
 
-class AnthropicAdapter(ProviderAdapter):
+class AnthropicAdapter(SdkAdapter[AsyncAnthropic, anthropic.APIStatusError]):
     """An Anthropic account, driven through the official SDK over aiohttp.
 
     The SDK client is created on first use and released by :meth:`aclose`.
@@ -383,44 +328,16 @@ class AnthropicAdapter(ProviderAdapter):
         timeout_s: float = 60,
         http_client: httpx2.AsyncClient | None = None,
     ) -> None:
-        super().__init__(account, limits or ANTHROPIC_LIMITS)
-        self._http_client = http_client
-        self._api_key = api_key
-        self._base_url = base_url.rstrip("/").removesuffix("/v1") if base_url else base_url
-        self._max_retries = max_retries
-        self._timeout_s = timeout_s
-        self._client_: AsyncAnthropic | None = None
-        self.malformed_lines = 0
-
-    def __repr__(self) -> str:
-        return f"AnthropicAdapter(account={self.account!r}, base_url={self._base_url!r})"
-
-    def _client(self) -> AsyncAnthropic:
-        if self._client_ is None:
-            try:
-                self._client_ = AsyncAnthropic(
-                    api_key=self._api_key,
-                    base_url=self._base_url,
-                    http_client=self._http_client or DefaultAioHttpClient(),
-                    max_retries=self._max_retries,
-                    timeout=self._timeout_s,
-                )
-            except anthropic.AnthropicError as exc:
-                raise ProviderError(
-                    f"{self.account}: cannot configure the Anthropic client: {_redact(str(exc))}",
-                    provider=self.account,
-                    retryable=False,
-                ) from exc
-        return self._client_
-
-    async def aclose(self) -> None:
-        """Close the SDK client and its aiohttp session."""
-        client, self._client_ = self._client_, None
-        http_client, self._http_client = self._http_client, None
-        if client is not None:
-            await client.close()
-        elif http_client is not None:
-            await http_client.aclose()
+        super().__init__(
+            account,
+            limits or ANTHROPIC_LIMITS,
+            sdk=ANTHROPIC_SDK,
+            api_key=api_key,
+            base_url=base_url.rstrip("/").removesuffix("/v1") if base_url else base_url,
+            max_retries=max_retries,
+            timeout_s=timeout_s,
+            http_client=http_client,
+        )
 
     def encode_line(self, custom_id: str, endpoint: str, body_json: str) -> bytes:
         """``{"custom_id", "params"}`` and a newline; ``body_json`` (the Messages params) is spliced as-is.
@@ -466,15 +383,13 @@ class AnthropicAdapter(ProviderAdapter):
                 provider=self.account,
                 retryable=False,
             )
-        try:
+        async with self._translating(f"create batch {batch_id}"):
             batch = await self._client().post(
                 "/v1/messages/batches",
                 cast_to=MessageBatch,
                 content=JsonlRequestsBody(path),
                 options={"headers": {"Content-Type": "application/json", "Content-Length": str(size)}},
             )
-        except _FOREIGN_ERRORS as exc:
-            raise translate_error(exc, provider=self.account, action=f"create batch {batch_id}") from exc
         logger.info(
             "%s: created provider batch %s for %s (%d requests, %d bytes, %s)",
             self.account,
@@ -492,10 +407,8 @@ class AnthropicAdapter(ProviderAdapter):
         Raises:
             ProviderError: the call failed (404 is not retryable).
         """
-        try:
+        async with self._translating(f"retrieve {provider_batch_id}"):
             batch = await self._client().messages.batches.retrieve(provider_batch_id)
-        except _FOREIGN_ERRORS as exc:
-            raise translate_error(exc, provider=self.account, action=f"retrieve {provider_batch_id}") from exc
         return batch_status_from_anthropic(batch)
 
     async def cancel(self, provider_batch_id: str) -> BatchStatus:
@@ -504,13 +417,11 @@ class AnthropicAdapter(ProviderAdapter):
         Raises:
             ProviderError: the call failed.
         """
-        try:
+        async with self._translating(f"cancel {provider_batch_id}"):
             batch = await self._client().messages.batches.cancel(provider_batch_id)
-        except _FOREIGN_ERRORS as exc:
-            raise translate_error(exc, provider=self.account, action=f"cancel {provider_batch_id}") from exc
         return batch_status_from_anthropic(batch)
 
-    async def results(self, status: BatchStatus) -> AsyncIterator[Outcome]:
+    def results(self, status: BatchStatus) -> AsyncIterator[Outcome]:
         """Stream the outcomes of an ended batch, one results line at a time.
 
         The lines are read raw rather than through the SDK's JSONL decoder, which stops at the first line it
@@ -521,19 +432,11 @@ class AnthropicAdapter(ProviderAdapter):
             ProviderError: the results could not be fetched (e.g. the batch has not ended) or the stream broke.
         """
         batch_id = status.provider_batch_id
-        client = self._client()
-        try:
-            async with client.messages.batches.with_streaming_response.results(batch_id) as response:
-                async for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    outcome = parse_result_line(line)
-                    if outcome is None:
-                        self.malformed_lines += 1
-                        continue
-                    yield outcome
-        except _FOREIGN_ERRORS as exc:
-            raise translate_error(exc, provider=self.account, action=f"download results of {batch_id}") from exc
+        return self._outcomes(
+            lambda: self._client().messages.batches.with_streaming_response.results(batch_id),
+            parse_result_line,
+            f"download results of {batch_id}",
+        )
 
     async def find_batch(self, batch_id: str) -> BatchStatus | None:
         """Always ``None``: Message Batches carry no metadata, so none can be tied to ``batch_id``.
@@ -563,7 +466,7 @@ class AnthropicAdapter(ProviderAdapter):
         """
         found: list[BatchStatus] = []
         seen = 0
-        try:
+        async with self._translating("list batches"):
             async for batch in self._client().messages.batches.list(limit=100):
                 if batch.created_at < created_after or seen >= scan_limit:
                     break
@@ -571,37 +474,11 @@ class AnthropicAdapter(ProviderAdapter):
                 status = batch_status_from_anthropic(batch)
                 if status.counts.total == request_count:
                     found.append(status)
-        except _FOREIGN_ERRORS as exc:
-            raise translate_error(exc, provider=self.account, action="list batches") from exc
         return found
 
     async def delete_file(self, file_id: str) -> None:
         """Nothing to do: no files are uploaded."""
         return None
 
-    async def run_realtime(self, custom_id: str, endpoint: str, body_json: str) -> Outcome:
-        """POST ``body_json`` (as-is, not re-parsed) to the real-time ``endpoint`` (``/v1/messages``).
-
-        The body must not ask for streaming. A request the API refuses for its own content (400, 404, 413…) comes
-        back as a FAILED outcome; anything about the account or the moment rather than the request — 401/403,
-        408/409/429, 5xx, 529, transport errors — raises instead.
-
-        Raises:
-            ProviderError: see above; ``retryable`` and ``retry_after_s`` are set where they apply.
-        """
-        try:
-            content = await self._client().post(endpoint, cast_to=bytes, content=body_json.encode())
-        except anthropic.APIStatusError as exc:
-            if _is_retryable_status(exc.status_code) or exc.status_code in (401, 402, 403):
-                raise translate_error(exc, provider=self.account, action=f"POST {endpoint}") from exc
-            return realtime_error_outcome(custom_id, exc)
-        except _FOREIGN_ERRORS as exc:
-            raise translate_error(exc, provider=self.account, action=f"POST {endpoint}") from exc
-        try:
-            return realtime_success_outcome(custom_id, content)
-        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
-            raise ProviderError(
-                f"{self.account}: POST {endpoint} answered something that is not a JSON object",
-                provider=self.account,
-                retryable=True,
-            ) from exc
+    async def _send_realtime(self, endpoint: str, content: bytes, headers: dict[str, str]) -> bytes:
+        return await self._client().post(endpoint, cast_to=bytes, content=content, options={"headers": headers})

@@ -195,8 +195,14 @@ class ProviderAdapter(abc.ABC):
         """Delete an uploaded file (unused input after a crash). Missing files are not an error."""
 
     @abc.abstractmethod
-    async def run_realtime(self, custom_id: str, endpoint: str, body_json: str) -> Outcome:
-        """Send one request to the real-time API (deadline fallback)."""
+    async def run_realtime(
+        self, custom_id: str, endpoint: str, body_json: str, *, attempt: int | None = None
+    ) -> Outcome:
+        """Send one request to the real-time API (deadline fallback).
+
+        ``attempt`` (the job's attempt number) makes the call idempotent where the API honours an
+        ``Idempotency-Key``: every send of one attempt carries the same key.
+        """
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the adapter's HTTP client."""

@@ -27,7 +27,7 @@ from batcher.db.engine import Database
 from batcher.db.tables import batches, jobs, ledger, pauses
 from batcher.domain import JobSpec, Provider
 from batcher.emulator import EmulatorSettings, create_app
-from batcher.emulator.openai_api import STATE_KEY
+from batcher.emulator.http import STATE_KEY
 from batcher.emulator.state import EmulatorState
 from batcher.intake import enqueue_specs
 from batcher.lifecycle import Pipeline
@@ -313,5 +313,7 @@ class Interrupting(ProviderAdapter):
     async def delete_file(self, file_id: str) -> None:
         await self.inner.delete_file(file_id)
 
-    async def run_realtime(self, custom_id: str, endpoint: str, body_json: str) -> Outcome:
-        return await self.inner.run_realtime(custom_id, endpoint, body_json)
+    async def run_realtime(
+        self, custom_id: str, endpoint: str, body_json: str, *, attempt: int | None = None
+    ) -> Outcome:
+        return await self.inner.run_realtime(custom_id, endpoint, body_json, attempt=attempt)

@@ -293,6 +293,30 @@ class AdapterContract:
             assert outcome.body is not None and orjson.loads(outcome.body)["model"] == self.model
             assert outcome.usage
 
+    async def test_run_realtime_is_answered_once_per_attempt(self, emulator: EmulatorFactory) -> None:
+        # a worker that died after the answer came sends the same attempt again: the provider must not run it twice
+        body = orjson.dumps(self.make_body(1)).decode()
+        async with self.adapter_on(emulator, idempotency_keys=True) as (adapter, emu):
+            first = await adapter.run_realtime("job-rt", self.endpoint, body, attempt=1)
+            again = await adapter.run_realtime("job-rt", self.endpoint, body, attempt=1)
+            assert first.kind is OutcomeKind.SUCCEEDED and again == first  # the stored answer, byte for byte
+            stats = await emu.stats()
+            assert stats["realtime_answers"] == 1 and stats["realtime_replays"] == 1
+            # the next attempt is a new call
+            third = await adapter.run_realtime("job-rt", self.endpoint, body, attempt=2)
+            assert third.kind is OutcomeKind.SUCCEEDED and third.body != first.body
+            stats = await emu.stats()
+            assert stats["realtime_answers"] == 2 and stats["realtime_replays"] == 1
+
+    async def test_run_realtime_key_is_ignored_like_the_real_apis_by_default(self, emulator: EmulatorFactory) -> None:
+        body = orjson.dumps(self.make_body(1)).decode()
+        async with self.adapter_on(emulator) as (adapter, emu):
+            first = await adapter.run_realtime("job-rt", self.endpoint, body, attempt=1)
+            again = await adapter.run_realtime("job-rt", self.endpoint, body, attempt=1)
+            assert first.body != again.body
+            stats = await emu.stats()
+            assert stats["realtime_answers"] == 2 and stats["realtime_replays"] == 0
+
     # ------------------------------------------------------------------ the pipeline
 
     async def test_pipeline_burst(self, emulator: EmulatorFactory, db_url: str, redis_url: str, tmp_path: Path) -> None:

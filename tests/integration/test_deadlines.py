@@ -298,12 +298,14 @@ class GatedRealtime(FakeProvider):
         self.entered = asyncio.Event()
         self.gated = True
 
-    async def run_realtime(self, custom_id: str, endpoint: str, body_json: str) -> Outcome:
+    async def run_realtime(
+        self, custom_id: str, endpoint: str, body_json: str, *, attempt: int | None = None
+    ) -> Outcome:
         if self.gated:
             self.gated = False
             self.entered.set()
             await self.gate.wait()
-        return await super().run_realtime(custom_id, endpoint, body_json)
+        return await super().run_realtime(custom_id, endpoint, body_json, attempt=attempt)
 
 
 async def test_real_time_call_of_a_stopped_worker_is_taken_over_and_settled_once(db: Database, db_url: str) -> None:

@@ -637,6 +637,24 @@ async def test_real_time_messages_use_the_same_fake_model(emulator: EmulatorFact
         assert status == 400 and body["error"]["type"] == "invalid_request_error"
 
 
+async def test_real_time_message_with_an_idempotency_key_is_answered_once(emulator: EmulatorFactory) -> None:
+    key = {"Idempotency-Key": "batcher-job-1-1"}
+    async with emulator(idempotency_keys=True) as emu:
+        first = await emu.client.messages.with_raw_response.create(**params(1), extra_headers=key)
+        again = await emu.client.messages.with_raw_response.create(**params(1), extra_headers=key)
+        assert await again.read() == await first.read() and again.headers["Idempotent-Replayed"] == "true"
+        other = await emu.client.messages.create(**params(1), extra_headers={"Idempotency-Key": "batcher-job-1-2"})
+        assert other.id != (await first.parse()).id
+        stats = await emu.stats()
+        assert stats["realtime_answers"] == 2 and stats["realtime_replays"] == 1
+
+        # the key with another request: refused in Anthropic's shape, nothing answered
+        status, headers, body = await emu.raw("POST", "/v1/messages", json=params(2), headers=key)
+        assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+        assert body["request_id"] == headers["request-id"] and "Idempotency-Key" in body["error"]["message"]
+        assert (await emu.stats())["realtime_answers"] == 2
+
+
 # The SDK serializes ``requests`` into one bytes body, and aiohttp warns about sending a large one (the batcher adapter
 # streams its body from disk instead, see test_anthropic_adapter_emulator.py).
 @pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")

@@ -722,6 +722,8 @@ async def test_stats_and_reset() -> None:
             "files_uploaded": 2,
             "requests_by_custom_id": {"a": 2, "b": 1},
             "api_errors_injected": 0,
+            "realtime_answers": 0,
+            "realtime_replays": 0,
         }
         status, _, _ = await emu.raw("POST", "/_emulator/reset")
         assert status == 200
@@ -766,6 +768,42 @@ async def test_real_time_endpoints_use_the_same_fake_models() -> None:
         with pytest.raises(openai.BadRequestError) as missing:
             await emu.client.chat.completions.create(model="gpt-4o-mini", messages=[])
         assert missing.value.param == "messages"
+
+
+async def test_real_time_call_with_an_idempotency_key_is_answered_once() -> None:
+    messages = [{"role": "user", "content": "hello there"}]
+    key = {"Idempotency-Key": "batcher-job-1-1"}
+    async with emulator(idempotency_keys=True) as emu:
+        first = await emu.client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=messages, extra_headers=key
+        )
+        again = await emu.client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=messages, extra_headers=key
+        )
+        assert again.content == first.content and again.headers["Idempotent-Replayed"] == "true"
+        assert "Idempotent-Replayed" not in first.headers
+        other = await emu.client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, extra_headers={"Idempotency-Key": "batcher-job-1-2"}
+        )
+        assert other.id != first.parse().id
+        stats = await emu.stats()
+        assert stats["realtime_answers"] == 2 and stats["realtime_replays"] == 1
+
+        # the key with another request: refused in OpenAI's shape, nothing answered
+        status, _, body = await emu.raw(
+            "POST", "/chat/completions", json={"model": "gpt-4o-mini", "messages": []}, headers=key
+        )
+        assert status == 400 and set(body) == {"error"} and "Idempotency-Key" in body["error"]["message"]
+        # a refused call keeps nothing: the key can be sent again, with a body that works
+        refused = {"Idempotency-Key": "batcher-job-2-1"}
+        status, _, _ = await emu.raw("POST", "/chat/completions", json={"model": "gpt-4o-mini"}, headers=refused)
+        assert status == 400
+        status, _, _ = await emu.raw(
+            "POST", "/chat/completions", json={"model": "gpt-4o-mini", "messages": messages}, headers=refused
+        )
+        assert status == 200
+        stats = await emu.stats()
+        assert stats["realtime_answers"] == 3 and stats["realtime_replays"] == 1
 
 
 async def test_run_emulator_serves_until_cancelled(unused_tcp_port: int) -> None:

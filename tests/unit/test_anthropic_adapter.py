@@ -27,11 +27,11 @@ from batcher.providers.anthropic import (
     measure_requests_body,
     parse_result_line,
     realtime_error_outcome,
-    realtime_success_outcome,
     translate_error,
 )
 from batcher.providers.base import OutcomeKind, RequestCounts
 from batcher.providers.limits import ANTHROPIC_ENDPOINT
+from batcher.providers.sdk import realtime_success_outcome
 
 PARAMS = {"model": "claude-x", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 CREATED = "2026-08-20T18:37:24.100435Z"
@@ -502,6 +502,25 @@ async def test_cancel_and_no_op_file_calls(make_adapter: Callable[..., Anthropic
     status = await adapter.cancel("msgbatch_01abc")
     assert status.state is BatchState.CANCELLING
     await adapter.delete_file("anything")
+
+
+async def test_run_realtime_sends_one_idempotency_key_per_attempt(
+    make_adapter: Callable[..., AnthropicAdapter],
+) -> None:
+    keys: list[str | None] = []
+    message = succeeded_line()["result"]["message"]
+    answers = iter([httpx2.Response(529, headers={"retry-after-ms": "1"}), httpx2.Response(200, json=message)])
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        keys.append(request.headers.get("Idempotency-Key"))
+        return next(answers, httpx2.Response(200, json=message))
+
+    adapter = make_adapter(handler, max_retries=1)
+    body = orjson.dumps(PARAMS).decode()
+    await adapter.run_realtime("job-1", ANTHROPIC_ENDPOINT, body, attempt=2)
+    assert keys == ["batcher-job-1-2", "batcher-job-1-2"]  # the SDK's own retry sends the same key
+    await adapter.run_realtime("job-1", ANTHROPIC_ENDPOINT, body)
+    assert keys[2] is None  # the SDK sends none of its own
 
 
 async def test_run_realtime(make_adapter: Callable[..., AnthropicAdapter]) -> None:

@@ -22,9 +22,9 @@ from batcher.providers.openai import (
     OpenAIAdapter,
     batch_status_from_openai,
     parse_result_line,
-    parse_retry_after,
     translate_error,
 )
+from batcher.providers.sdk import parse_retry_after
 
 # -- encode_line -----------------------------------------------------------------------------------------------
 
@@ -136,6 +136,17 @@ def test_status_mapping(status: str, state: BatchState) -> None:
     assert result.provider_state == status
     assert result.provider_batch_id == "batch_abc"
     assert not result.token_limit_exceeded
+
+
+@pytest.mark.parametrize(
+    ("status", "state"), [("COMPLETED", BatchState.ENDED), ("In_Progress", BatchState.IN_PROGRESS)]
+)
+def test_status_of_a_compatible_host_in_another_case(status: str, state: BatchState) -> None:
+    batch = Batch.model_construct(**make_batch("in_progress").model_dump())
+    batch.status = status  # type: ignore[assignment]
+    result = batch_status_from_openai(batch)
+    assert result.state is state
+    assert result.provider_state == status
 
 
 def test_unknown_status_keeps_polling() -> None:
@@ -551,6 +562,21 @@ async def test_run_realtime_success(make_adapter: Callable[..., OpenAIAdapter]) 
     assert outcome.kind is OutcomeKind.SUCCEEDED
     assert outcome.body == answer.decode()
     assert outcome.usage == {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+
+
+async def test_run_realtime_sends_one_idempotency_key_per_attempt(make_adapter: Callable[..., OpenAIAdapter]) -> None:
+    keys: list[str | None] = []
+    answers = iter([httpx2.Response(500, headers={"retry-after-ms": "1"}), httpx2.Response(200, json={"id": "x"})])
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        keys.append(request.headers.get("Idempotency-Key"))
+        return next(answers, httpx2.Response(200, json={"id": "y"}))
+
+    adapter = make_adapter(handler, max_retries=1)
+    await adapter.run_realtime("j1", "/v1/chat/completions", "{}", attempt=3)
+    assert keys == ["batcher-j1-3", "batcher-j1-3"]  # the SDK's own retry sends the same key
+    await adapter.run_realtime("j1", "/v1/chat/completions", "{}")
+    assert keys[2] is None  # the SDK sends none of its own
 
 
 @pytest.mark.parametrize("endpoint", ["/v1/embeddings", "/v1/responses", "/v1/completions"])
