@@ -250,20 +250,38 @@ _INSERTS: dict[tuple[str, str, tuple[str, ...]], tuple[str, list[str]]] = {}
 def _compiled_insert(db: Database, shared: tuple[str, ...]) -> tuple[str, list[str]]:
     """The jobs INSERT … ON CONFLICT (run, custom_id) DO NOTHING for these columns, compiled once per process.
 
+    SQLite: one row per parameter tuple (``executemany``). PostgreSQL: every row in one statement, each
+    per-row column an array parameter read with ``unnest`` (as fast as asyncpg's ``executemany``), and
+    ``RETURNING id``, so the caller learns which rows were new without another query. Parameter names are the
+    column names (per-row columns as arrays).
+
     The HTTP API stores small groups many times a second; compiling anew each time cost more than the insert.
     """
     dialect = db.engine.dialect
     key = (dialect.name, dialect.driver, shared)
     found = _INSERTS.get(key)
-    if found is None:
-        stmt = db.insert(jobs).on_conflict_do_nothing(index_elements=["run", "custom_id"])
+    if found is not None:
+        return found
+    if db.is_sqlite:
+        stmt: Any = db.insert(jobs).on_conflict_do_nothing(index_elements=["run", "custom_id"])
         compiled = stmt.compile(dialect=dialect, column_keys=[*_PER_ROW_COLUMNS, *shared])
-        found = _INSERTS[key] = (compiled.string, list(compiled.positiontup or []))
+    else:
+        arrays = [sa.bindparam(name, type_=postgresql.ARRAY(jobs.c[name].type)) for name in _PER_ROW_COLUMNS]
+        rows = sa.func.unnest(*arrays).table_valued(*_PER_ROW_COLUMNS).render_derived(name="v")
+        values = sa.select(*rows.c, *(sa.bindparam(name, type_=jobs.c[name].type) for name in shared))
+        stmt = (
+            postgresql.insert(jobs)
+            .from_select([*_PER_ROW_COLUMNS, *shared], values)
+            .on_conflict_do_nothing(index_elements=["run", "custom_id"])
+            .returning(jobs.c.id)
+        )
+        compiled = stmt.compile(dialect=dialect)
+    found = _INSERTS[key] = (compiled.string, list(compiled.positiontup or []))
     return found
 
 
 class FileRows:
-    """The rows of one file intake as driver-ready parameter tuples, and the INSERT that takes them.
+    """The rows of one file intake as driver-ready parameters, and the INSERT that takes them.
 
     SQLAlchemy would run every value of every row dict through its column type's bind processor (UTC
     datetimes, JSON tags) and then turn the dict into a tuple: more time than reading and checking the
@@ -278,6 +296,7 @@ class FileRows:
 
     def __init__(self, db: Database, builder: RowBuilder) -> None:
         dialect = db.engine.dialect
+        self._columnar = not db.is_sqlite
         sql, order = _compiled_insert(db, tuple(builder.base))
         shared_names = [name for name in order if name not in _PER_ROW_COLUMNS]
         shared: list[Any] = []
@@ -289,7 +308,8 @@ class FileRows:
         for name in _PER_ROW_COLUMNS:
             if jobs.c[name].type.dialect_impl(dialect).bind_processor(dialect) is not None:
                 raise RuntimeError(f"jobs.{name} needs per-row type processing")  # pragma: no cover
-        # a row is built as (*_PER_ROW_COLUMNS, *shared), then put in the statement's parameter order
+        # a row (or, columnar, the tuple of per-row arrays) is built as (*_PER_ROW_COLUMNS, *shared), then put in
+        # the statement's parameter order
         source = [*_PER_ROW_COLUMNS, *shared_names]
         self._assemble = operator.itemgetter(*(source.index(name) for name in order))
         self._shared = tuple(shared)
@@ -304,15 +324,29 @@ class FileRows:
             for job_id, p in zip(_new_ids(len(lines)) if ids is None else ids, lines, strict=True)
         ]
 
-    async def insert(self, conn: AsyncConnection, lines: list[ParsedLine], ids: list[str] | None = None) -> int | None:
-        """Insert ``lines`` as new jobs, skipping any whose (run, custom_id) is already stored.
+    def columns(self, lines: list[ParsedLine], ids: list[str] | None = None) -> tuple[Any, ...]:
+        """The parameters of the columnar (PostgreSQL) statement: one array per per-row column."""
+        ids = _new_ids(len(lines)) if ids is None else ids
+        per_row = (
+            ids,
+            [p.custom_id for p in lines],
+            [p.endpoint for p in lines],
+            [p.model for p in lines],
+            [p.body_json for p in lines],
+            [p.body_bytes for p in lines],
+        )
+        return tuple(self._assemble((*per_row, *self._shared)))
 
-        Returns how many rows were inserted where the driver says (SQLite does; asyncpg does not: ``None``).
-        """
+    async def insert(self, conn: AsyncConnection, lines: list[ParsedLine], ids: list[str] | None = None) -> int:
+        """Insert ``lines`` as new jobs, skipping any whose (run, custom_id) is already stored; returns how many
+        were inserted."""
         if not lines:
             return 0
+        if self._columnar:
+            result = await conn.exec_driver_sql(self.sql, self.columns(lines, ids))
+            return len(result.all())
         result = await conn.exec_driver_sql(self.sql, self.rows(lines, ids))
-        return result.rowcount if result.rowcount >= 0 else None
+        return result.rowcount
 
 
 async def _count_run(conn: Any, run: str) -> int:
@@ -574,7 +608,7 @@ async def enqueue(
                 new_ids.update(ids)
                 found.update(((run, line.custom_id), job_id) for line, job_id in zip(part, ids, strict=True))
         if not every_row_new:
-            # some were stored before (or the driver cannot tell): every spec's id, looked up per run
+            # some were stored before: every spec's id, looked up per run
             found.clear()
             by_run: dict[str, list[str]] = {}
             for run, custom_id in seen:

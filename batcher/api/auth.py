@@ -2,11 +2,13 @@
 
 A verified key (and its tenant's limits) is trusted for ``api_auth_cache_s`` seconds before it is read again,
 so a key revoked with ``batcher keys revoke`` stops working within that time on every API process. Keys never
-made are not remembered: each costs one indexed lookup of its hash.
+made are not remembered: each costs one indexed lookup of its hash. Requests that miss the cache for one key at
+the same moment (a busy client, as its entry runs out) share one lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 
@@ -30,12 +32,22 @@ class KeyCache:
         self.db = db
         self.ttl_s = ttl_s
         self._known: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        #: the lookup under way for a key, which concurrent misses of that key wait for
+        self._looking: dict[str, asyncio.Task[Principal | None]] = {}
 
     async def principal(self, key: str) -> Principal | None:
-        now = time.monotonic()
         hit = self._known.get(key)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        lookup = self._looking.get(key)
+        if lookup is None:
+            lookup = self._looking[key] = asyncio.create_task(self._lookup(key))
+            lookup.add_done_callback(lambda _: self._looking.pop(key, None))
+        # a caller that goes away stops waiting; the lookup goes on for the others
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, key: str) -> Principal | None:
+        now = time.monotonic()
         found = await tenants.authenticate(self.db, key)
         if found is None:
             self._known.pop(key, None)

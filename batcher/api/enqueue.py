@@ -24,11 +24,10 @@ import contextlib
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -54,6 +53,8 @@ MAX_GROUP_JOBS = 2000
 LINGER_AFTER = 8
 LINGER_UNTIL = 48
 LINGER_S = 0.002
+#: runs one process remembers as recorded before it forgets them all (and records each once more)
+MAX_KNOWN_RUNS = 100_000
 #: above this many jobs, estimates are computed off the event loop
 _THREAD_ESTIMATES = 64
 
@@ -178,6 +179,9 @@ class Enqueuer:
         #: (run, custom_id) and (tenant, idempotency key) of the groups committing now
         self._busy_keys: set[tuple[str, str]] = set()
         self._busy_idem: set[tuple[str, str]] = set()
+        #: runs this process has seen committed in ``tenant_runs`` (runs are never deleted), whose row need
+        #: not be inserted again
+        self._known_runs: set[str] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="batcher-api-committer")
@@ -309,7 +313,7 @@ class Enqueuer:
 
         async def after_insert(conn: AsyncConnection, done: Enqueued) -> None:
             answers.clear()
-            answers.extend(await _after_insert(self.db, conn, tenant, subs, done, estimates))
+            answers.extend(await _after_insert(self.db, conn, tenant, subs, done, estimates, self._known_runs))
 
         try:
             for attempt in range(_TRANSIENT_RETRIES + 1):
@@ -338,6 +342,9 @@ class Enqueuer:
             if stored is None:  # pragma: no cover - the key was there a moment ago and keys are not deleted so soon
                 raise ApiError(503, "unavailable", "retry the request") from None
             return [stored]
+        if len(self._known_runs) > MAX_KNOWN_RUNS:
+            self._known_runs.clear()
+        self._known_runs.update(spec.run for spec in specs)
         return answers
 
 
@@ -368,6 +375,7 @@ async def _after_insert(
     subs: Sequence[Submission],
     done: Enqueued,
     estimates: list[Decimal] | None,
+    known_runs: Collection[str],
 ) -> list[Answer]:
     """Inside the intake transaction: limits, runs, answers and idempotency records."""
     now = utcnow()
@@ -383,7 +391,8 @@ async def _after_insert(
         {s.run for s, new in zip((s for sub in subs for s in sub.specs), done.created, strict=True) if new}
     )
     if new_runs:
-        await register_runs(db, conn, tenant.name, new_runs, now)
+        unknown = [run for run in new_runs if run not in known_runs]
+        await register_runs(db, conn, tenant.name, new_runs, now, insert=unknown)
 
     states: dict[str, str] = {}
     old = [job_id for job_id, new in zip(done.ids, done.created, strict=True) if not new]
@@ -437,36 +446,42 @@ async def _after_insert(
     return answers
 
 
-#: the statement of :func:`register_runs`, built once per dialect
-_RUN_UPSERTS: dict[str, Any] = {}
+async def register_runs(
+    db: Database,
+    conn: AsyncConnection,
+    tenant: str,
+    runs: Sequence[str],
+    now: datetime,
+    *,
+    insert: Sequence[str] | None = None,
+) -> None:
+    """Record the tenant's runs that just got jobs, and re-arm the callback of each that has one.
 
-
-async def register_runs(db: Database, conn: AsyncConnection, tenant: str, runs: Sequence[str], now: datetime) -> None:
-    """Record the tenant's runs, and re-arm the callback of each run that has one (it got new jobs).
-
-    One statement: a run seen before and without a callback is left alone (``DO UPDATE … WHERE`` is false).
+    Two statements, neither of which locks a run without a callback: an ``INSERT … ON CONFLICT DO NOTHING`` of
+    ``insert`` (default: all of ``runs``), then an ``UPDATE`` of those of ``runs`` with a callback. (One
+    ``ON CONFLICT DO UPDATE … WHERE`` would lock the existing row even where its ``WHERE`` is false, so
+    concurrent commits of one run would queue behind each other.)
     """
-    upsert = _RUN_UPSERTS.get(db.dialect)
-    if upsert is None:
-        stmt = db.insert(tenant_runs)
-        upsert = _RUN_UPSERTS[db.dialect] = stmt.on_conflict_do_update(
-            index_elements=["run"],
-            set_={"armed": True, "arm_seq": tenant_runs.c.arm_seq + 1, "updated_at": stmt.excluded.updated_at},
-            where=tenant_runs.c.callback_url.is_not(None),
+    insert = runs if insert is None else insert
+    if insert:
+        await conn.execute(
+            db.insert(tenant_runs).on_conflict_do_nothing(index_elements=["run"]),
+            [
+                {
+                    "run": run,
+                    "tenant": tenant,
+                    "callback_url": None,
+                    "armed": False,
+                    "arm_seq": 0,
+                    "notified_jobs": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for run in insert
+            ],
         )
     await conn.execute(
-        upsert,
-        [
-            {
-                "run": run,
-                "tenant": tenant,
-                "callback_url": None,
-                "armed": False,
-                "arm_seq": 0,
-                "notified_jobs": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for run in runs
-        ],
+        sa.update(tenant_runs)
+        .where(tenant_runs.c.run.in_(runs), tenant_runs.c.callback_url.is_not(None))
+        .values(armed=True, arm_seq=tenant_runs.c.arm_seq + 1, updated_at=now)
     )

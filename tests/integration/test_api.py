@@ -15,7 +15,9 @@ from api_env import ApiEnv, api_env, chat, claude
 
 from batcher import tenants
 from batcher.api.app import ROUTES
+from batcher.api.auth import KeyCache
 from batcher.api.models import BulkAccepted, JobAccepted, JobOut, JobPage, ResultLine, RunOut, SavingsOut
+from batcher.db.engine import Database
 from batcher.db.tables import idempotency_keys, jobs
 from batcher.domain import JobState
 
@@ -56,6 +58,33 @@ async def test_missing_wrong_and_revoked_keys_answer_401(env: ApiEnv) -> None:
     assert (await env.post_job(chat(), key=made.key)).status == 401
     # the tenant's other key still works
     assert (await env.call("GET", "/v1/jobs")).status == 200
+
+
+async def test_concurrent_misses_of_one_key_share_one_lookup(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = await tenants.create_key(db, "acme")
+    real = tenants.authenticate
+    lookups = 0
+
+    async def counted(database: Database, key: str) -> tenants.Principal | None:
+        nonlocal lookups
+        lookups += 1
+        await asyncio.sleep(0.05)  # a slow database: every request below arrives during the lookup
+        return await real(database, key)
+
+    monkeypatch.setattr(tenants, "authenticate", counted)
+    cache = KeyCache(db, ttl_s=60)
+    # one waiter gives up; the lookup goes on for the others
+    quitter = asyncio.create_task(cache.principal(made.key))
+    await asyncio.sleep(0)
+    quitter.cancel()
+    found = await asyncio.gather(*(cache.principal(made.key) for _ in range(20)))
+    assert lookups == 1
+    assert {p.tenant.name for p in found if p is not None} == {"acme"} and None not in found
+    # then from the cache, and an unknown key is looked up each time
+    assert await cache.principal(made.key) == found[0]
+    assert await cache.principal("bk_unknown") is None
+    assert await cache.principal("bk_unknown") is None
+    assert lookups == 3
 
 
 async def test_public_endpoints_and_admin_metrics(env: ApiEnv) -> None:
