@@ -21,6 +21,11 @@ def _do_run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )
+    if connection.dialect.name == "sqlite" and not connection.connection.driver_connection.in_transaction:
+        # Python's sqlite3 opens a transaction only before INSERT/UPDATE/DELETE, so DDL would commit statement by
+        # statement: a worker killed while migrating would leave tables without their version. SQLite's DDL is
+        # transactional once a transaction is open: open it, so a migration run is all or nothing.
+        connection.exec_driver_sql("BEGIN")
     with context.begin_transaction():
         context.run_migrations()
 

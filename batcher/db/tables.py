@@ -193,6 +193,8 @@ class Job(Base):
         # partial: jobs of the CLI and Python doors (no tenant) cost these indexes nothing
         sa.Index(None, "tenant", "state", **_where("tenant IS NOT NULL")),
         sa.Index("ix_jobs_callback_due", "settled_at", **_where("callback_url IS NOT NULL AND settled_at IS NOT NULL")),
+        # partial: the deadline sweep reads only jobs with a deadline, which most jobs have not
+        sa.Index("ix_jobs_deadline", "state", "account", "not_after", **_where("not_after IS NOT NULL")),
     )
 
 

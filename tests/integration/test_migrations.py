@@ -12,7 +12,7 @@ from batcher.db.tables import jobs, metadata
 
 
 def test_single_head() -> None:
-    assert migrate.heads() == ["0002"]
+    assert migrate.heads() == ["0003"]
 
 
 async def test_empty_to_head_matches_metadata(db_url: str) -> None:
@@ -25,6 +25,25 @@ async def test_empty_to_head_matches_metadata(db_url: str) -> None:
         async with db.engine.connect() as conn:
             names = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
         assert set(metadata.tables) <= names
+    finally:
+        await db.aclose()
+
+
+async def test_a_failed_upgrade_leaves_nothing_behind(db_url: str) -> None:
+    """One upgrade is one transaction, on SQLite too: a run that fails (or a worker killed while migrating)
+    leaves the database as it was, not tables without their version."""
+    db = Database(db_url)
+    try:
+        async with db.engine.begin() as conn:
+            # an index named like the one 0003 makes, so the run fails after 0001 and 0002 have run
+            await conn.exec_driver_sql("CREATE TABLE squatter (x INTEGER)")
+            await conn.exec_driver_sql("CREATE INDEX ix_jobs_deadline ON squatter (x)")
+        with pytest.raises(sa.exc.DBAPIError, match="ix_jobs_deadline"):
+            await migrate.upgrade(db.engine)
+        async with db.engine.connect() as conn:
+            names = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+        assert names == {"squatter"}
+        assert await migrate.current(db.engine) is None
     finally:
         await db.aclose()
 
