@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+
 from arq.connections import RedisSettings
 
 from batcher.config import Settings
@@ -23,3 +25,7 @@ class WorkerSettings:
     on_shutdown = tasks.shutdown
     redis_settings = RedisSettings.from_dsn(_settings.redis_url or "redis://127.0.0.1:6379")
     max_jobs = 16
+    # as ``batcher worker``: on SIGTERM/SIGINT stop picking tasks, let running ones finish this long, then cancel
+    job_completion_wait = max(1, math.floor(_settings.shutdown_grace_s))
+    keep_result = 0
+    job_timeout = 3600

@@ -20,6 +20,7 @@ from typing import Any
 
 from arq import cron
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import default_queue_name
 from arq.worker import Function, Worker, func
 from redis.exceptions import RedisError
 
@@ -43,6 +44,8 @@ FUNCTIONS: list[Function] = [
 
 #: seconds a stopping worker waits for its cancelled tasks to release what they hold
 RELEASE_WAIT_S = 2.0
+#: the arq queue of ``batcher worker --burst``
+BURST_QUEUE = "batcher:burst"
 
 
 def cron_jobs(settings: Settings) -> list[Any]:
@@ -79,7 +82,10 @@ async def run_worker(settings: Settings, *, burst: bool = False, pipeline: Pipel
         if url is None:
             url = (await stack.enter_async_context(EmbeddedRedis())).url
             assert url is not None
-        pool = await create_pool(RedisSettings.from_dsn(url))
+        # a burst run has a queue of its own: it ends when that queue is empty, which tasks a long-running
+        # worker scheduled for later (its cron, retries) in the shared queue would otherwise put off
+        queue = BURST_QUEUE if burst else default_queue_name
+        pool = await create_pool(RedisSettings.from_dsn(url), default_queue_name=queue)
         stack.push_async_callback(pool.aclose)
         ctx: dict[str, Any] = {"settings": settings, "redis": pool}
         if pipeline is not None:
@@ -106,6 +112,7 @@ class _Runner:
         worker = Worker(
             functions=FUNCTIONS,
             redis_pool=self.pool,
+            queue_name=self.pool.default_queue_name,
             ctx=self.ctx,
             handle_signals=True,
             # SIGTERM/SIGINT: stop picking tasks, let running ones finish this long, then cancel them

@@ -25,6 +25,8 @@ import orjson
 from batcher.embedded import redis_server_path
 
 BATCHER = Path(sys.executable).parent / "batcher"
+#: the worker under arq's own CLI
+ARQ_WORKER = (str(Path(sys.executable).parent / "arq"), "workers.main.WorkerSettings")
 
 
 def free_port() -> int:
@@ -113,6 +115,8 @@ class WorkerProcess:
     env: dict[str, str]
     logs: Path
     args: tuple[str, ...] = ()
+    #: the program and its arguments before ``args``: ``batcher worker``, or arq's own CLI (:data:`ARQ_WORKER`)
+    command: tuple[str, ...] = (str(BATCHER), "worker", "--verbose")
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
     kills: int = 0
@@ -126,7 +130,7 @@ class WorkerProcess:
         self._log = (self.logs / f"{self.name}-{self.runs}.log").open("wb")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
-            [str(BATCHER), "worker", "--verbose", *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            [*self.command, *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def kill(self) -> None:
