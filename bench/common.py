@@ -28,8 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_JSON = BENCH_DIR / "results.json"
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
+#: where a quick or partial run writes its results (ignored by git): only a full run of every benchmark
+#: replaces the committed ``bench/results.json`` and ``bench/RESULTS.md``
+PARTIAL_DIR = BENCH_DIR / "out"
 
 #: where PostgreSQL benchmarks run; unset: they are skipped
 POSTGRES_ENV = ("BATCHER_BENCH_POSTGRES_URL", "BATCHER_TEST_POSTGRES_URL")
@@ -383,8 +384,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_results(results: Sequence[Result], quick: bool) -> None:
-    """Write ``bench/results.json`` and ``bench/RESULTS.md`` for this run."""
+def write_results(results: Sequence[Result], quick: bool, folder: Path = BENCH_DIR) -> Path:
+    """Write ``results.json`` and ``RESULTS.md`` for this run into ``folder``; returns the Markdown file."""
+    folder.mkdir(parents=True, exist_ok=True)
     mach = machine()
     doc = {
         "machine": mach,
@@ -393,7 +395,7 @@ def write_results(results: Sequence[Result], quick: bool) -> None:
         "results": [r.to_json() for r in results],
         "info": [{"name": i.name, "value": round(i.value, 4), "unit": i.unit, "note": i.note} for i in _INFOS],
     }
-    RESULTS_JSON.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    (folder / "results.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
 
     lines = [
         "# Benchmark results",
@@ -424,4 +426,6 @@ def write_results(results: Sequence[Result], quick: bool) -> None:
         + (f", PostgreSQL {mach['postgres']}" if mach["postgres"] else ", PostgreSQL not measured"),
         "",
     ]
-    RESULTS_MD.write_text("\n".join(lines))
+    markdown = folder / "RESULTS.md"
+    markdown.write_text("\n".join(lines))
+    return markdown

@@ -1,8 +1,9 @@
 """Run batcher's benchmarks: ``python bench/run.py [--quick] [--only NAME]`` (``make bench``, ``QUICK=1``).
 
 Every benchmark compares batcher with a raw baseline measured in the same run and prints
-``name: ours X unit, baseline Y unit, ratio Z (target >= T) PASS|MISS``. Results go to ``bench/results.json``
-and ``bench/RESULTS.md``. The exit code is 0 even when a target is missed: this reports, it does not gate.
+``name: ours X unit, baseline Y unit, ratio Z (target >= T) PASS|MISS``. A full run of every benchmark writes
+``bench/results.json`` and ``bench/RESULTS.md``; a quick or ``--only`` run writes them to ``bench/out/``.
+The exit code is 0 even when a target is missed (this reports, it does not gate), 1 when a benchmark crashes.
 
 To add a benchmark, write ``bench/<name>.py`` with ``run(quick: bool) -> list[Result]`` and list it in
 :data:`BENCHES`.
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable from
     # in place of this script's own folder, whose ``http.py`` would shadow the standard library's ``http``
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import Result, write_results
+from bench.common import BENCH_DIR, PARTIAL_DIR, Result, write_results
 
 #: benchmark modules, ``bench/<name>.py``, in the order they run
 BENCHES: list[str] = ["intake", "pack", "collect", "e2e", "savings", "http"]
@@ -52,12 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         results.extend(found)
         print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    write_results(results, args.quick)
+    complete = not args.quick and not args.only
+    written = write_results(results, args.quick, BENCH_DIR if complete else PARTIAL_DIR)
     missed = sum(not r.passed for r in results)
     print(
         f"\n{len(results)} results, {len(results) - missed} pass, {missed} miss"
         + (f", {len(failed)} benchmark(s) crashed: {', '.join(failed)}" if failed else "")
-        + f" ({time.perf_counter() - started:.1f} s); see bench/RESULTS.md"
+        + f" ({time.perf_counter() - started:.1f} s); see {written.relative_to(BENCH_DIR.parent)}"
     )
     return 1 if failed else 0
 
