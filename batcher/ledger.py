@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from batcher.db.bulk import RowValues, filter_only
 from batcher.db.engine import Database
 from batcher.db.tables import jobs, ledger
 from batcher.domain import JobState
@@ -35,32 +36,45 @@ _PARAMS = (
     "price_version",
 )
 
+#: the values of an entry that do not come from its job row, in the order of :func:`entry_row`
+ENTRY_VALUES: dict[str, sa.types.TypeEngine[Any]] = {
+    "job_id": ledger.c.job_id.type,
+    **{name: ledger.c[name].type for name in _PARAMS},
+}
 
-def entry_params(job_id: str, usage: TokenUsage | None, cost: Cost) -> dict[str, Any]:
-    """Bind parameters for one entry. A request the provider did not bill has no usage and costs 0."""
+
+def entry_row(job_id: str, usage: TokenUsage | None, cost: Cost) -> tuple[Any, ...]:
+    """One entry's :data:`ENTRY_VALUES`. A request the provider did not bill has no usage and costs 0."""
     if usage is None:
         usage, cost = TokenUsage(), ZERO_COST
-    return {
-        "l_job_id": job_id,
-        "l_input_tokens": usage.input_tokens,
-        "l_cached_input_tokens": usage.cached_input_tokens,
-        "l_cache_creation_tokens": usage.cache_creation_tokens,
-        "l_output_tokens": usage.output_tokens,
-        "l_reasoning_tokens": usage.reasoning_tokens,
-        "l_actual_usd": cost.actual_usd,
-        "l_realtime_usd": cost.realtime_usd,
-        "l_batch_price_derived": cost.batch_price_derived,
-        "l_price_source": cost.price_source,
-        "l_price_version": cost.price_version,
-    }
+    return (
+        job_id,
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.cache_creation_tokens,
+        usage.output_tokens,
+        usage.reasoning_tokens,
+        cost.actual_usd,
+        cost.realtime_usd,
+        cost.batch_price_derived,
+        cost.price_source,
+        cost.price_version,
+    )
 
 
-def entries_from_batch(
-    db: Database, batch_id: str, *, mode: str, now: datetime, only: sa.ColumnElement[bool] | None = None
-) -> Any:
-    """The INSERT that records entries for jobs of ``batch_id`` still ``submitted`` (run before settling them).
+def entry_params(job_id: str, usage: TokenUsage | None, cost: Cost) -> dict[str, Any]:
+    """:func:`entry_row` as bind parameters named ``l_<column>``, for a statement that records one entry."""
+    return {f"l_{name}": value for name, value in zip(ENTRY_VALUES, entry_row(job_id, usage, cost), strict=True)}
+
+
+def entries_from_batch(db: Database, values: RowValues, *, only: sa.ColumnElement[bool] | None = None) -> Any:
+    """The INSERT that records an entry per row of ``values`` whose job is in the batch and still ``submitted``.
+
+    Run before the jobs settle: a job settled before writes nothing. The statement binds ``batch_id``, ``mode``
+    and ``now`` (the entries' ``settled_at``).
 
     Args:
+        values: the rows, with the columns of :data:`ENTRY_VALUES`.
         only: a further condition on the job row (e.g. its attempts are used up).
     """
     select = sa.select(
@@ -72,13 +86,13 @@ def entries_from_batch(
         jobs.c.model,
         jobs.c.run,
         jobs.c.tags,
-        sa.literal(mode, sa.String()),
-        *(sa.bindparam(f"l_{name}", type_=ledger.c[name].type) for name in _PARAMS),
-        sa.literal(now, ledger.c.settled_at.type),
+        sa.bindparam("mode", type_=ledger.c.mode.type),
+        *(values.c[name] for name in _PARAMS),
+        sa.bindparam("now", type_=ledger.c.settled_at.type),
     ).where(
-        jobs.c.id == sa.bindparam("l_job_id"),
-        jobs.c.batch_id == batch_id,
-        jobs.c.state == JobState.SUBMITTED.value,
+        jobs.c.id == values.c["job_id"],
+        filter_only(jobs.c.batch_id) == sa.bindparam("batch_id", type_=jobs.c.batch_id.type),
+        filter_only(jobs.c.state) == JobState.SUBMITTED.value,
         *(() if only is None else (only,)),
     )
     columns = ["job_id", "attempt", "batch_id", "provider", "account", "model", "run", "tags", "mode", *_PARAMS]

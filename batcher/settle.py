@@ -12,6 +12,7 @@ list (:func:`_settle_failed_batch`); one failed by the enqueued-token cap requeu
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from batcher.db.bulk import BulkStatement, RowValues, filter_only
+from batcher.db.engine import Database
 from batcher.db.tables import batches, jobs, pauses
 from batcher.domain import BatchState, JobState
 from batcher.errors import ProviderError
-from batcher.ledger import entries_from_batch, entry_params
+from batcher.ledger import ENTRY_VALUES, entries_from_batch, entry_row
 from batcher.packer import next_poll_interval, pause_backoff
 from batcher.pricing import ZERO_COST, normalize_usage
 from batcher.providers.base import BatchStatus, Outcome, OutcomeKind, ProviderAdapter
@@ -34,13 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TOKEN_LIMIT", "CollectReport", "collect_claimed"]
 
-#: ids per ``IN (…)`` list: well under SQLite's 32,766 bound variables
-ID_CHUNK = 5000
 TOKEN_LIMIT = "token_limit_exceeded"
-
-
-def _ids(chunked: list[str]) -> list[list[str]]:
-    return [list(chunked[i : i + ID_CHUNK]) for i in range(0, len(chunked), ID_CHUNK)]
+_job_id = operator.itemgetter(0)
 
 
 @dataclass
@@ -148,31 +146,123 @@ async def collect_claimed(p: Pipeline, claimed: Mapping[str, Any], now: datetime
 async def _settle_results(
     p: Pipeline, batch: Mapping[str, Any], adapter: ProviderAdapter, now: datetime, report: CollectReport
 ) -> None:
+    """Read the results and settle them chunk by chunk, one transaction each, in the order read."""
     status = _status_from_row(batch)
     chunk: list[Outcome] = []
     async for outcome in adapter.results(status):
         chunk.append(outcome)
         if len(chunk) >= p.settings.settle_chunk:
-            await _settle_chunk(p, batch, chunk, now, report)
+            await _write_chunk(p, _prepare_chunk(p, batch, chunk, now, report))
             chunk = []
     if chunk:
-        await _settle_chunk(p, batch, chunk, now, report)
+        await _write_chunk(p, _prepare_chunk(p, batch, chunk, now, report))
 
 
-async def _settle_chunk(
-    p: Pipeline, batch: Mapping[str, Any], outcomes: list[Outcome], now: datetime, report: CollectReport
-) -> None:
-    """Settle one chunk of outcomes in one transaction.
+@dataclass(frozen=True)
+class _Statements:
+    """The statements that settle a chunk of results, compiled for one dialect (see :mod:`batcher.db.bulk`).
 
-    Each UPDATE is guarded by ``batch_id`` and ``state = 'submitted'``: a duplicate line, a line for a
-    job of another batch, or a line settled by an earlier (crashed) collect changes nothing.
+    Each binds ``batch_id`` and ``now``, and touches only jobs of that batch still ``submitted``.
     """
+
+    #: a ledger entry per row (:data:`batcher.ledger.ENTRY_VALUES`); binds ``mode``
+    entries: BulkStatement
+    #: the same, only for jobs whose attempts are used up; binds ``mode`` and ``max_attempts``
+    used_up_entries: BulkStatement
+    #: rows ``(id, result, usage)``
+    succeeded: BulkStatement
+    #: rows ``(id, error_code, error)``
+    failed: BulkStatement
+    #: rows ``(id, error_code, error)``: back to the queue if attempts remain; binds ``max_attempts``
+    requeued: BulkStatement
+    #: rows ``(id,)``
+    cancelled: BulkStatement
+
+
+#: by (dialect, driver): compiling them anew per chunk would cost more than running them
+_STATEMENTS: dict[tuple[str, str], _Statements] = {}
+
+
+def _statements(db: Database) -> _Statements:
+    dialect = db.engine.dialect
+    key = (dialect.name, dialect.driver)
+    found = _STATEMENTS.get(key)
+    if found is None:
+        found = _STATEMENTS[key] = _compile_statements(db)
+    return found
+
+
+def _compile_statements(db: Database) -> _Statements:
+    dialect = db.engine.dialect
+    now = sa.bindparam("now", type_=jobs.c.updated_at.type)
+    max_attempts = sa.bindparam("max_attempts", type_=jobs.c.attempts.type)
+
+    def in_batch(values: RowValues) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            jobs.c.id == values.c["id"],
+            filter_only(jobs.c.batch_id) == sa.bindparam("batch_id", type_=jobs.c.batch_id.type),
+            filter_only(jobs.c.state) == JobState.SUBMITTED.value,
+        )
+
+    entry = RowValues(dialect, ENTRY_VALUES)
+    result = RowValues(dialect, {"id": jobs.c.id.type, "result": jobs.c.result.type, "usage": jobs.c.usage.type})
+    error = RowValues(dialect, {"id": jobs.c.id.type, "error_code": jobs.c.error_code.type, "error": jobs.c.error.type})
+    ids = RowValues(dialect, {"id": jobs.c.id.type})
+    error_values = {"error_code": error.c["error_code"], "error": error.c["error"], "updated_at": now}
+    return _Statements(
+        entries=BulkStatement(entries_from_batch(db, entry), entry, dialect),
+        used_up_entries=BulkStatement(
+            entries_from_batch(db, entry, only=jobs.c.attempts >= max_attempts), entry, dialect
+        ),
+        succeeded=BulkStatement(
+            sa.update(jobs)
+            .where(in_batch(result))
+            .values(
+                state=JobState.SUCCEEDED.value,
+                result=result.c["result"],
+                usage=result.c["usage"],
+                error=None,
+                error_code=None,
+                settled_at=now,
+                updated_at=now,
+            ),
+            result,
+            dialect,
+        ),
+        failed=BulkStatement(
+            sa.update(jobs).where(in_batch(error)).values(state=JobState.FAILED.value, settled_at=now, **error_values),
+            error,
+            dialect,
+        ),
+        requeued=BulkStatement(
+            sa.update(jobs)
+            .where(in_batch(error), jobs.c.attempts < max_attempts)
+            .values(state=JobState.QUEUED.value, queued_at=now, **error_values),
+            error,
+            dialect,
+        ),
+        cancelled=BulkStatement(
+            sa.update(jobs).where(in_batch(ids)).values(state=JobState.CANCELLED.value, settled_at=now, updated_at=now),
+            ids,
+            dialect,
+        ),
+    )
+
+
+#: one chunk, ready to write: each statement with its parameters, in the order they run
+_Writes = list[tuple[BulkStatement, tuple[Any, ...]]]
+
+
+def _prepare_chunk(
+    p: Pipeline, batch: Mapping[str, Any], outcomes: list[Outcome], now: datetime, report: CollectReport
+) -> _Writes:
+    """Sort a chunk's outcomes into what each statement settles, price the successes, and bind the statements."""
     batch_id = batch["id"]
     cancelled_batch = batch["state"] == BatchState.CANCELLED.value
-    succeeded: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    retry: list[dict[str, Any]] = []
-    cancelled: list[str] = []
+    succeeded: list[tuple[str, str | None, dict[str, Any] | None]] = []
+    failed: list[tuple[str, str, dict[str, Any]]] = []
+    retry: list[tuple[str, str, dict[str, Any]]] = []
+    cancelled: list[tuple[str]] = []
     report.results += len(outcomes)
     seen: set[str] = set()
     for o in outcomes:
@@ -181,90 +271,66 @@ async def _settle_chunk(
             continue
         seen.add(o.custom_id)
         if o.kind is OutcomeKind.SUCCEEDED:
-            succeeded.append({"b_id": o.custom_id, "b_result": o.body, "b_usage": o.usage})
+            succeeded.append((o.custom_id, o.body, o.usage))
             continue
         expired = o.kind is OutcomeKind.EXPIRED
         if o.kind is OutcomeKind.CANCELLED or (cancelled_batch and (expired or o.retryable)):
             # the batch was cancelled: what did not finish is cancelled, never sent again
-            cancelled.append(o.custom_id)
+            cancelled.append((o.custom_id,))
             continue
         code = "expired" if expired else (o.error_code or "error")
         error = {"code": code, "message": o.error_message, "status_code": o.status_code, "batch_id": batch_id}
-        entry = {"b_id": o.custom_id, "b_code": code[:64], "b_error": error}
-        (retry if o.retryable or expired else failed).append(entry)
-    entries = _ledger_params(p, batch, succeeded, failed, cancelled)
-    exhausted = [entry_params(e["b_id"], None, ZERO_COST) for e in retry]
-    guard = sa.and_(
-        jobs.c.id == sa.bindparam("b_id"), jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value
-    )
-    error_values = {
-        "error_code": sa.bindparam("b_code"),
-        "error": sa.bindparam("b_error", type_=jobs.c.error.type),
-        "updated_at": now,
-    }
+        (retry if o.retryable or expired else failed).append((o.custom_id, code[:64], error))
+    entries = _priced_entries(p, batch, succeeded)
+    # only successes are billed; a failure settled for good gets an entry of cost 0
+    entries.extend(entry_row(job_id, None, ZERO_COST) for job_id, _, _ in failed)
+    entries.extend(entry_row(job_id, None, ZERO_COST) for (job_id,) in cancelled)
+    used_up = [entry_row(job_id, None, ZERO_COST) for job_id, _, _ in retry]
+
+    s = _statements(p.db)
+    writes: _Writes = []
+
+    def write(statement: BulkStatement, rows: list[Any], **shared: Any) -> None:
+        if rows:
+            # in job id order, the order of the primary key: each statement walks its index forward
+            rows = sorted(rows, key=_job_id)
+            writes.append((statement, statement.params(rows, batch_id=batch_id, now=now, **shared)))
+
+    # the ledger first, from the rows still ``submitted``: a job settled before writes nothing
+    write(s.entries, entries, mode="batch")
+    write(s.used_up_entries, used_up, mode="batch", max_attempts=p.settings.max_attempts)
+    write(s.succeeded, succeeded)
+    write(s.failed, failed)
+    # retryable failures go back to the queue while attempts remain; the rest fail
+    write(s.requeued, retry, max_attempts=p.settings.max_attempts)
+    write(s.failed, retry)
+    write(s.cancelled, cancelled)
+    return writes
+
+
+async def _write_chunk(p: Pipeline, writes: _Writes) -> None:
+    """Settle one chunk in one transaction.
+
+    Each statement is guarded by ``batch_id`` and ``state = 'submitted'``: a duplicate line, a line for a
+    job of another batch, or a line settled by an earlier (crashed) collect changes nothing.
+    """
     async with p.db.engine.begin() as conn:
-        # the ledger first, from the rows still ``submitted``: a job settled before writes nothing
-        if entries:
-            await conn.execute(entries_from_batch(p.db, batch_id, mode="batch", now=now), entries)
-        if exhausted:
-            used_up = jobs.c.attempts >= p.settings.max_attempts
-            await conn.execute(entries_from_batch(p.db, batch_id, mode="batch", now=now, only=used_up), exhausted)
-        if succeeded:
-            await conn.execute(
-                sa.update(jobs)
-                .where(guard)
-                .values(
-                    state=JobState.SUCCEEDED.value,
-                    result=sa.bindparam("b_result"),
-                    usage=sa.bindparam("b_usage", type_=jobs.c.usage.type),
-                    error=None,
-                    error_code=None,
-                    settled_at=now,
-                    updated_at=now,
-                ),
-                succeeded,
-            )
-        if failed:
-            await conn.execute(
-                sa.update(jobs).where(guard).values(state=JobState.FAILED.value, settled_at=now, **error_values),
-                failed,
-            )
-        if retry:
-            # retryable failures go back to the queue while attempts remain; the rest fail
-            await conn.execute(
-                sa.update(jobs)
-                .where(guard, jobs.c.attempts < p.settings.max_attempts)
-                .values(state=JobState.QUEUED.value, queued_at=now, **error_values),
-                retry,
-            )
-            await conn.execute(
-                sa.update(jobs).where(guard).values(state=JobState.FAILED.value, settled_at=now, **error_values),
-                retry,
-            )
-        for ids in _ids(cancelled):
-            await conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.id.in_(ids), jobs.c.batch_id == batch_id, jobs.c.state == JobState.SUBMITTED.value)
-                .values(state=JobState.CANCELLED.value, settled_at=now, updated_at=now)
-            )
+        for statement, params in writes:
+            await statement.execute(conn, params)
 
 
-def _ledger_params(
-    p: Pipeline,
-    batch: Mapping[str, Any],
-    succeeded: list[dict[str, Any]],
-    failed: list[dict[str, Any]],
-    cancelled: list[str],
-) -> list[dict[str, Any]]:
-    """Ledger bind parameters for the outcomes that settle a job for good; only successes are billed."""
-    provider = p.price_provider(batch["account"])
+def _priced_entries(
+    p: Pipeline, batch: Mapping[str, Any], succeeded: list[tuple[str, str | None, dict[str, Any] | None]]
+) -> list[tuple[Any, ...]]:
+    """Ledger entries of the succeeded jobs, priced (every job of a batch has its account and model)."""
+    provider = batch["provider"]
+    price_provider = p.price_provider(batch["account"])
+    model = batch["model"]
+    cost = p.prices.cost
     entries = []
-    for s in succeeded:
-        usage = normalize_usage(batch["provider"], s["b_usage"])
-        cost = p.prices.cost(provider, batch["model"], usage, mode="batch")
-        entries.append(entry_params(s["b_id"], usage, cost))
-    entries.extend(entry_params(f["b_id"], None, ZERO_COST) for f in failed)
-    entries.extend(entry_params(job_id, None, ZERO_COST) for job_id in cancelled)
+    for job_id, _, reported in succeeded:
+        usage = normalize_usage(provider, reported)
+        entries.append(entry_row(job_id, usage, cost(price_provider, model, usage, mode="batch")))
     return entries
 
 
