@@ -580,7 +580,8 @@ class Pipeline:
         except ProviderError as exc:
             return await self._poll_failed(claimed, adapter, now, exc)
         except asyncio.CancelledError:
-            await asyncio.shield(self._release(batch_id, now))
+            # shutting down: due again at once (a new due time, so a new task id: see ``Due``)
+            await asyncio.shield(self._release(batch_id, now, next_poll_at=now))
             raise
         current = BatchState(claimed["state"])
         target = status.state
@@ -700,8 +701,9 @@ class Pipeline:
             async with self._lease(batch_id, now):
                 return await settle.collect_claimed(self, claimed, now)
         except asyncio.CancelledError:
-            # shutting down: what is settled stays settled; the next worker reads the rest at once
-            await asyncio.shield(self._release(batch_id, now))
+            # shutting down: what is settled stays settled; the next worker reads the rest at once (a new due
+            # time gives the task a new id, which no copy of this task kept in Redis can hold back)
+            await asyncio.shield(self._release(batch_id, now, next_poll_at=now))
             raise
 
     # ------------------------------------------------------------ scheduling
