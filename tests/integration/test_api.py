@@ -64,11 +64,13 @@ async def test_concurrent_misses_of_one_key_share_one_lookup(db: Database, monke
     made = await tenants.create_key(db, "acme")
     real = tenants.authenticate
     lookups = 0
+    answer = asyncio.Event()
 
     async def counted(database: Database, key: str) -> tenants.Principal | None:
         nonlocal lookups
         lookups += 1
-        await asyncio.sleep(0.05)  # a slow database: every request below arrives during the lookup
+        if key == made.key:
+            await answer.wait()  # the database answers only once every request below is waiting
         return await real(database, key)
 
     monkeypatch.setattr(tenants, "authenticate", counted)
@@ -77,7 +79,11 @@ async def test_concurrent_misses_of_one_key_share_one_lookup(db: Database, monke
     quitter = asyncio.create_task(cache.principal(made.key))
     await asyncio.sleep(0)
     quitter.cancel()
-    found = await asyncio.gather(*(cache.principal(made.key) for _ in range(20)))
+    waiters = [asyncio.create_task(cache.principal(made.key)) for _ in range(20)]
+    await asyncio.sleep(0)
+    assert lookups == 1 and not any(w.done() for w in waiters)
+    answer.set()
+    found = await asyncio.gather(*waiters)
     assert lookups == 1
     assert {p.tenant.name for p in found if p is not None} == {"acme"} and None not in found
     # then from the cache, and an unknown key is looked up each time

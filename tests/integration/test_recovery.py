@@ -454,6 +454,19 @@ async def test_second_worker_on_sqlite_is_refused(sqlite_url: str, redis_url: st
     await asyncio.wait_for(run_worker(settings, burst=True), 20)
 
 
+async def test_a_burst_run_is_not_held_up_by_tasks_scheduled_for_later(sqlite_url: str, redis_url: str) -> None:
+    """Another worker's task due in an hour sits in arq's shared queue; a burst run with nothing to do still ends."""
+    from arq.connections import RedisSettings, create_pool
+
+    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        assert await pool.enqueue_job("tick", _job_id="later", _defer_by=3600) is not None
+        await asyncio.wait_for(run_worker(Settings(database_url=sqlite_url, redis_url=redis_url), burst=True), 30)
+        assert await pool.zcard(pool.default_queue_name) == 1  # left for the worker it belongs to
+    finally:
+        await pool.aclose()
+
+
 async def _holds(path: Path) -> bool:
     return await asyncio.to_thread(lambda: path.exists() and path.read_text().strip() == str(os.getpid()))
 
