@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import genai_prices
 from genai_prices import Usage, data_snapshot
@@ -169,6 +169,9 @@ class _Plan:
 
     linear: dict[str, Decimal] | None
     model_price: ModelPrice | None
+    #: the linear table in whole picodollars per token (input, cache read, cache write, output), when every
+    #: price is a whole number of them (all published ones are): integer arithmetic, exact, several times faster
+    pico: tuple[int, int, int, int] | None = None
 
 
 def _linear_table(price: ModelPrice) -> dict[str, Decimal] | None:
@@ -204,10 +207,35 @@ def _plan(price: ModelPrice) -> _Plan:
             if _linear_cost(table, probe) != price.calc_price(probe.to_genai())["total_price"]:
                 table = None
                 break
-    return _Plan(table, price)
+    return _Plan(table, price, None if table is None else _pico_prices(table))
+
+
+def _pico_prices(table: Mapping[str, Decimal]) -> tuple[int, int, int, int] | None:
+    """A linear table's prices per token in picodollars (1 USD/Mtok = 10^6 pico-USD/token), if all are whole."""
+    input_mtok = table.get("input_mtok", Decimal(0))
+    mtok = (
+        input_mtok,
+        table.get("cache_read_mtok", input_mtok),
+        table.get("cache_write_mtok", input_mtok),
+        table.get("output_mtok", Decimal(0)),
+    )
+    pico = tuple(price.scaleb(6) for price in mtok)
+    if any(price != price.to_integral_value() for price in pico):
+        return None
+    return cast(tuple[int, int, int, int], tuple(int(price) for price in pico))
 
 
 def _cost(plan: _Plan, usage: TokenUsage) -> Decimal:
+    if plan.pico is not None:
+        input_pico, read_pico, write_pico, output_pico = plan.pico
+        read, write = usage.cached_input_tokens, usage.cache_creation_tokens
+        total = (
+            (usage.input_tokens - read - write) * input_pico
+            + read * read_pico
+            + write * write_pico
+            + usage.output_tokens * output_pico
+        )
+        return Decimal(total).scaleb(-12)
     if plan.linear is not None:
         return money(_linear_cost(plan.linear, usage))
     assert plan.model_price is not None

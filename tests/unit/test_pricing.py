@@ -153,3 +153,23 @@ def test_fast_path_equals_genai_prices(
     context = {"processing": "batch"} if mode == "batch" else None
     theirs = calc_price(usage.to_genai(), name, provider_id=provider, price_context=context).total_price
     assert ours.actual_usd == money(theirs)
+    # the same Decimal, exponent included: what is stored and printed does not depend on the path taken
+    assert ours.actual_usd is not None and ours.actual_usd.as_tuple() == money(theirs).as_tuple()
+
+
+def test_whole_picodollar_prices_are_priced_in_integers_and_others_in_decimal() -> None:
+    book = PriceBook(
+        overrides={
+            "openai/whole": {"realtime": {"input_mtok": "0.15", "output_mtok": "0.6"}},
+            # 0.1234567 USD/Mtok is 123,456.7 picodollars a token: not a whole number of them
+            "openai/fraction": {"realtime": {"input_mtok": "0.1234567", "output_mtok": "0.6"}},
+        }
+    )
+    usage = TokenUsage(input_tokens=3, output_tokens=1)
+    whole = book._lookup("openai", "whole")
+    fraction = book._lookup("openai", "fraction")
+    assert whole is not None and whole.realtime.pico == (150_000, 150_000, 150_000, 600_000)
+    assert fraction is not None and fraction.realtime.pico is None
+    assert book.cost("openai", "whole", usage, mode="realtime").actual_usd == D("0.000001050000")
+    # 3 * 0.1234567e-6 + 0.6e-6 = 0.0000009703701, rounded half-even to the picodollar
+    assert book.cost("openai", "fraction", usage, mode="realtime").actual_usd == D("0.000000970370")
