@@ -233,7 +233,9 @@ async def savings(
             totals.output_tokens += g.output_tokens
             totals.unpriced_jobs += g.unpriced_jobs
     unpriced_models: list[str] = []
-    if totals.unpriced_jobs:
+    if by == "model":
+        unpriced_models = [g.key for g in groups if g.unpriced_jobs and g.key is not None]
+    elif totals.unpriced_jobs:
         query = sa.select(ledger.c.model).where(ledger.c.actual_usd.is_(None), *conditions).distinct()
         unpriced_models = sorted(m for (m,) in await conn.execute(query))
     return SavingsReport(by=by, totals=totals, groups=groups, unpriced_models=unpriced_models)

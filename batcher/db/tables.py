@@ -236,6 +236,8 @@ class LedgerEntry(Base):
         sa.CheckConstraint("(actual_usd IS NULL) = (realtime_usd IS NULL)", name="priced_both_or_neither"),
         sa.Index(None, "run", "settled_at"),
         sa.Index(None, "settled_at"),
+        # the few unpriced entries, for the savings report's list of unpriced models
+        sa.Index("ix_ledger_unpriced", "model", **_where("actual_usd IS NULL")),
     )
 
 

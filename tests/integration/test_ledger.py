@@ -127,6 +127,8 @@ async def test_savings_groupings(ran: tuple[Database, Pipeline]) -> None:
             assert sum(g.jobs for g in report.groups) == total.jobs, by
             assert sum(g.actual_usd for g in report.groups) == total.actual_usd, by
             assert report.totals.realtime_usd == total.realtime_usd, by
+            # by model the list comes from the groups, otherwise from the unpriced entries' index: the same
+            assert report.unpriced_models == ["ft:gpt-4o-mini:acme:custom"], by
         models = {g.key for g in (await savings(conn, by="model")).groups}
         assert {"gpt-4o-mini", "text-embedding-3-small"} <= models
         teams = {g.key for g in (await savings(conn, by="tag:team")).groups}
