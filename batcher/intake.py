@@ -243,11 +243,22 @@ def _new_ids(count: int) -> list[str]:
     return [prefix + part for part in sorted(hexed[i : i + 20] for i in range(0, 20 * count, 20))]
 
 
-#: the INSERT of :class:`FileRows` by (dialect, driver, shared columns): (SQL, parameter order)
-_INSERTS: dict[tuple[str, str, tuple[str, ...]], tuple[str, list[str]]] = {}
+@dataclass(frozen=True)
+class _Insert:
+    """The compiled INSERT of :class:`FileRows` for one dialect and one set of shared columns."""
+
+    sql: str
+    #: the shared columns in parameter order, each with its bind processor (or ``None``)
+    shared: list[tuple[str, Callable[[Any], Any] | None]]
+    #: (*per-row values, *shared values) → the statement's parameter order
+    assemble: Callable[[tuple[Any, ...]], tuple[Any, ...]]
 
 
-def _compiled_insert(db: Database, shared: tuple[str, ...]) -> tuple[str, list[str]]:
+#: :class:`_Insert` by (dialect, driver, shared columns)
+_INSERTS: dict[tuple[str, str, tuple[str, ...]], _Insert] = {}
+
+
+def _compiled_insert(db: Database, shared: tuple[str, ...]) -> _Insert:
     """The jobs INSERT … ON CONFLICT (run, custom_id) DO NOTHING for these columns, compiled once per process.
 
     SQLite: one row per parameter tuple (``executemany``). PostgreSQL: every row in one statement, each
@@ -276,7 +287,19 @@ def _compiled_insert(db: Database, shared: tuple[str, ...]) -> tuple[str, list[s
             .returning(jobs.c.id)
         )
         compiled = stmt.compile(dialect=dialect)
-    found = _INSERTS[key] = (compiled.string, list(compiled.positiontup or []))
+    order = list(compiled.positiontup or [])
+    for name in _PER_ROW_COLUMNS:
+        if jobs.c[name].type.dialect_impl(dialect).bind_processor(dialect) is not None:
+            raise RuntimeError(f"jobs.{name} needs per-row type processing")  # pragma: no cover - a schema change
+    shared_names = [name for name in order if name not in _PER_ROW_COLUMNS]
+    # a row (or, columnar, the tuple of per-row arrays) is built as (*_PER_ROW_COLUMNS, *shared), then put in the
+    # statement's parameter order
+    source = [*_PER_ROW_COLUMNS, *shared_names]
+    found = _INSERTS[key] = _Insert(
+        compiled.string,
+        [(name, jobs.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in shared_names],
+        operator.itemgetter(*(source.index(name) for name in order)),
+    )
     return found
 
 
@@ -295,25 +318,16 @@ class FileRows:
     """
 
     def __init__(self, db: Database, builder: RowBuilder) -> None:
-        dialect = db.engine.dialect
         self._columnar = not db.is_sqlite
-        sql, order = _compiled_insert(db, tuple(builder.base))
-        shared_names = [name for name in order if name not in _PER_ROW_COLUMNS]
+        insert = _compiled_insert(db, tuple(builder.base))
         shared: list[Any] = []
-        for name in shared_names:
+        for name, processor in insert.shared:
             if name not in builder.base:
                 raise RuntimeError(f"intake has no value for jobs.{name}")  # pragma: no cover - a schema change
-            processor = jobs.c[name].type.dialect_impl(dialect).bind_processor(dialect)
             shared.append(builder.base[name] if processor is None else processor(builder.base[name]))
-        for name in _PER_ROW_COLUMNS:
-            if jobs.c[name].type.dialect_impl(dialect).bind_processor(dialect) is not None:
-                raise RuntimeError(f"jobs.{name} needs per-row type processing")  # pragma: no cover
-        # a row (or, columnar, the tuple of per-row arrays) is built as (*_PER_ROW_COLUMNS, *shared), then put in
-        # the statement's parameter order
-        source = [*_PER_ROW_COLUMNS, *shared_names]
-        self._assemble = operator.itemgetter(*(source.index(name) for name in order))
+        self._assemble = insert.assemble
         self._shared = tuple(shared)
-        self.sql: str = sql
+        self.sql: str = insert.sql
 
     def rows(self, lines: list[ParsedLine], ids: list[str] | None = None) -> list[tuple[Any, ...]]:
         """One parameter tuple per line, each with a new job id (``ids``, or fresh ones)."""

@@ -480,8 +480,16 @@ async def register_runs(
                 for run in insert
             ],
         )
-    await conn.execute(
-        sa.update(tenant_runs)
-        .where(tenant_runs.c.run.in_(runs), tenant_runs.c.callback_url.is_not(None))
-        .values(armed=True, arm_seq=tenant_runs.c.arm_seq + 1, updated_at=now)
+    await conn.execute(_REARM, {"runs": list(runs), "now": now})
+
+
+#: re-arms the callbacks of ``:runs`` (built once: building it per group commit cost more than running it)
+_REARM = (
+    sa.update(tenant_runs)
+    .where(tenant_runs.c.run.in_(sa.bindparam("runs", expanding=True)), tenant_runs.c.callback_url.is_not(None))
+    .values(
+        armed=True,
+        arm_seq=tenant_runs.c.arm_seq + 1,
+        updated_at=sa.bindparam("now", type_=tenant_runs.c.updated_at.type),
     )
+)
