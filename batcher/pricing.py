@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import genai_prices
 from genai_prices import Usage, data_snapshot
@@ -219,10 +219,11 @@ def _pico_prices(table: Mapping[str, Decimal]) -> tuple[int, int, int, int] | No
         table.get("cache_write_mtok", input_mtok),
         table.get("output_mtok", Decimal(0)),
     )
-    pico = tuple(price.scaleb(6) for price in mtok)
+    pico = [price.scaleb(6) for price in mtok]
     if any(price != price.to_integral_value() for price in pico):
         return None
-    return cast(tuple[int, int, int, int], tuple(int(price) for price in pico))
+    input_pico, read_pico, write_pico, output_pico = (int(price) for price in pico)
+    return input_pico, read_pico, write_pico, output_pico
 
 
 def _cost(plan: _Plan, usage: TokenUsage) -> Decimal:
