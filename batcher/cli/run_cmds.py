@@ -155,7 +155,9 @@ async def _demo(settings: Settings, n: int, emu: EmulatorSettings, *, show: bool
 
 
 def _print_summary(summary: dict[str, Any], database: Path) -> None:
-    table = Table(title=f"demo finished in {summary['elapsed_s']} s")
+    # a line of its own: as the title of this narrow table rich would wrap it
+    console.print(f"demo finished in {summary['elapsed_s']} s")
+    table = Table()
     table.add_column("jobs")
     table.add_column("count", justify="right")
     for state, count in summary["jobs"].items():

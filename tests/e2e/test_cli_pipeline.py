@@ -6,6 +6,7 @@ SQLite and PostgreSQL. Also ``demo``, and ``status --watch`` stopped with Ctrl-C
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -175,6 +176,16 @@ def test_demo(tmp_path: Path) -> None:
     assert savings["totals"]["jobs"] == 200
     assert savings["totals"]["unpriced_jobs"] == 0
     assert 49.0 <= savings["totals"]["saved_pct"] <= 50.0
+
+
+def test_demo_prints_a_readable_summary(tmp_path: Path) -> None:
+    cli = Cli(clean_env(BATCHER_EMULATOR_DATA_DIR=str(tmp_path / "emu")), tmp_path)
+    out = cli("demo", "--jobs", "20", "--latency", "0.2").stdout
+    lines = out.splitlines()
+    # each fact whole on one line (a title wider than the table used to be wrapped: "… 9.23" / "s")
+    assert any(re.fullmatch(r"demo finished in [0-9.]+ s", line.strip()) for line in lines), out
+    assert any(re.search(r"│ succeeded +│ +20 │", line) for line in lines), out
+    assert any(line.startswith("cost $") and "saved $" in line for line in lines), out
 
 
 def test_status_watch_stops_cleanly_on_ctrl_c(db_url: str, tmp_path: Path) -> None:
