@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
 from batcher.emulator.anthropic_models import InvalidParams, PromptCache, check_params, fake_message, stable_id
-from batcher.emulator.results import line_malformed, malform, request_fails
+from batcher.emulator.results import ShuffledWriter, line_malformed, request_fails
 from batcher.emulator.seeding import stable_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_LINES", "FAILURE_TYPES", "ResultCounts", "ResultsPlan", "write_results"]
+__all__ = ["FAILURE_TYPES", "ResultCounts", "ResultsPlan", "write_results"]
 
-CHUNK_LINES = 128
 #: error types of fated failures, in the order they are handed out
 FAILURE_TYPES = ("rate_limit_error", "overloaded_error", "api_error", "invalid_request_error")
 _FAILURE_MESSAGES = {
@@ -93,30 +91,6 @@ class ResultCounts:
         }
 
 
-@dataclass(slots=True)
-class _ShuffledWriter:
-    """Buffers up to :data:`CHUNK_LINES` lines and writes them out in a shuffled order."""
-
-    fh: IO[bytes]
-    rng: random.Random
-    malformed: Callable[[str], bool] = lambda _custom_id: False
-    chunk: list[bytes] = field(default_factory=list)
-
-    def write(self, line: dict[str, Any]) -> None:
-        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
-        self.chunk.append(malform(data) if self.malformed(str(line["custom_id"])) else data)
-        if len(self.chunk) >= CHUNK_LINES:
-            self.flush()
-
-    def flush(self) -> None:
-        order = list(range(len(self.chunk)))
-        self.rng.shuffle(order)
-        if len(order) > 1 and order == sorted(order):
-            order = order[1:] + order[:1]  # a shuffle may keep the input order; results must not
-        self.fh.write(b"".join(self.chunk[i] for i in order))
-        self.chunk.clear()
-
-
 def _errored(batch_id: str, custom_id: str, error_type: str, message: str) -> dict[str, Any]:
     return {
         "type": "errored",
@@ -138,7 +112,7 @@ def write_results(plan: ResultsPlan) -> ResultCounts:
     failures = 0
     index = 0
     with plan.requests_path.open("rb") as source, plan.results_path.open("wb") as out_fh:
-        out = _ShuffledWriter(
+        out = ShuffledWriter(
             out_fh,
             random.Random(stable_int(plan.seed, plan.ordinal, "anthropic-shuffle")),
             lambda custom_id: line_malformed(plan.seed, plan.ordinal, custom_id, plan.malformed_rate),

@@ -38,6 +38,7 @@ __all__ = [
     "FAILURE_KINDS",
     "ResultPlan",
     "ResultSummary",
+    "ShuffledWriter",
     "line_malformed",
     "malform",
     "request_fails",
@@ -141,8 +142,9 @@ class ResultSummary:
 
 
 @dataclass(slots=True)
-class _ShuffledWriter:
-    """Buffers up to :data:`CHUNK_LINES` lines, shuffles them and writes them out."""
+class ShuffledWriter:
+    """Buffers up to :data:`CHUNK_LINES` lines and writes them out in a shuffled order, never the input order
+    (neither provider keeps it: results are matched by custom_id)."""
 
     fh: IO[bytes]
     rng: random.Random
@@ -150,14 +152,17 @@ class _ShuffledWriter:
     chunk: list[bytes] = field(default_factory=list)
 
     def write(self, line: Mapping[str, Any]) -> None:
-        data = orjson.dumps(line) + b"\n"
+        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         self.chunk.append(malform(data) if self.malformed(str(line["custom_id"])) else data)
         if len(self.chunk) >= CHUNK_LINES:
             self.flush()
 
     def flush(self) -> None:
-        self.rng.shuffle(self.chunk)
-        self.fh.write(b"".join(self.chunk))
+        order = list(range(len(self.chunk)))
+        self.rng.shuffle(order)
+        if len(order) > 1 and order == sorted(order):
+            order = order[1:] + order[:1]  # a shuffle may keep the input order
+        self.fh.write(b"".join(self.chunk[i] for i in order))
         self.chunk.clear()
 
 
@@ -225,8 +230,8 @@ def write_results(plan: ResultPlan) -> ResultSummary:
         def malformed(custom_id: str) -> bool:
             return line_malformed(plan.seed, plan.ordinal, custom_id, plan.malformed_rate)
 
-        out = _ShuffledWriter(out_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-output")), malformed)
-        err = _ShuffledWriter(err_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-error")), malformed)
+        out = ShuffledWriter(out_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-output")), malformed)
+        err = ShuffledWriter(err_fh, random.Random(stable_int(plan.seed, plan.ordinal, "shuffle-error")), malformed)
         for raw in source:
             if not raw.strip():
                 continue

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from batcher.emulator.lifecycle import (
     is_fated_to_expire,
 )
 from batcher.emulator.objects import BatchRecord
+from batcher.emulator.results import ShuffledWriter
 
 T0 = 1_000.0
 CHAT = "/v1/chat/completions"
@@ -181,3 +184,16 @@ def test_settings_validate_ranges_and_read_the_prefixed_environment(monkeypatch:
     settings = EmulatorSettings()
     assert settings.error_rate == 0.25 and settings.token_limit == 1000
     assert settings.max_requests == 50_000 and settings.max_bytes == 200 * 1024 * 1024
+
+
+@pytest.mark.parametrize("lines", [2, 3, 200])
+def test_result_writer_never_keeps_the_input_order(lines: int) -> None:
+    for seed in range(20):  # with two lines, half of all shuffles keep the order
+        fh = io.BytesIO()
+        writer = ShuffledWriter(fh, random.Random(seed))
+        for i in range(lines):
+            writer.write({"custom_id": f"r{i}"})
+        writer.flush()
+        written = [json.loads(line)["custom_id"] for line in fh.getvalue().splitlines()]
+        assert sorted(written) == sorted(f"r{i}" for i in range(lines))
+        assert written != [f"r{i}" for i in range(lines)]
