@@ -50,8 +50,10 @@ DEFAULT_DISCOUNTS: dict[str, Decimal] = {
 }
 
 #: the per-token price keys batcher's usage carries; other units (searches, audio…) never occur in its usage,
-#: and a plan is only used once probes prove it equals genai-prices' own answer
-_LINEAR_KEYS = frozenset({"input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"})
+#: and a plan is only used once probes prove it equals genai-prices' own answer. ``cache_write_1h_mtok`` prices
+#: the 1-hour part of the cache writes; ``cache_write_mtok`` the rest (and the 1-hour part where a model has no
+#: 1-hour price, as genai-prices does)
+_LINEAR_KEYS = frozenset({"input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok"})
 
 
 def money(value: Decimal) -> Decimal:
@@ -66,9 +68,11 @@ class TokenUsage:
     Attributes:
         input_tokens: every input token, cache reads and cache writes included.
         cached_input_tokens: input tokens read from the prompt cache.
-        cache_creation_tokens: input tokens written to the prompt cache.
+        cache_creation_tokens: input tokens written to the prompt cache (every lifetime).
         output_tokens: every output token, reasoning included.
         reasoning_tokens: the reasoning part of ``output_tokens`` (informational; billed as output).
+        cache_creation_1h_tokens: the part of ``cache_creation_tokens`` written with a 1-hour lifetime
+            (Anthropic), priced at the model's 1-hour cache-write price; never more than ``cache_creation_tokens``.
     """
 
     input_tokens: int = 0
@@ -76,13 +80,16 @@ class TokenUsage:
     cache_creation_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_creation_1h_tokens: int = 0
 
     def to_genai(self) -> Usage:
+        hour = {"cache_write_1h_tokens": self.cache_creation_1h_tokens} if self.cache_creation_1h_tokens else {}
         return Usage(
             input_tokens=self.input_tokens,
             cache_read_tokens=self.cached_input_tokens,
             cache_write_tokens=self.cache_creation_tokens,
             output_tokens=self.output_tokens,
+            **hour,
         )
 
 
@@ -117,16 +124,23 @@ def usage_from_openai(usage: Mapping[str, Any] | None) -> TokenUsage:
 
 
 def usage_from_anthropic(usage: Mapping[str, Any] | None) -> TokenUsage:
-    """Anthropic usage: ``input_tokens`` excludes cache reads and writes, which come separately."""
+    """Anthropic usage: ``input_tokens`` excludes cache reads and writes, which come separately.
+
+    ``cache_creation_input_tokens`` counts every cache write; ``cache_creation.ephemeral_1h_input_tokens`` the
+    1-hour part of them (clamped to the writes: it can never be more).
+    """
     if not usage:
         return TokenUsage()
     read = _int(usage.get("cache_read_input_tokens"))
     write = _int(usage.get("cache_creation_input_tokens"))
+    creation = usage.get("cache_creation")
+    hour = _int(creation.get("ephemeral_1h_input_tokens")) if isinstance(creation, Mapping) else 0
     return TokenUsage(
         input_tokens=_int(usage.get("input_tokens")) + read + write,
         cached_input_tokens=read,
         cache_creation_tokens=write,
         output_tokens=_int(usage.get("output_tokens")),
+        cache_creation_1h_tokens=min(hour, write),
     )
 
 
@@ -161,6 +175,8 @@ class Cost:
 
 
 ZERO_COST = Cost(Decimal(0), Decimal(0), price_source=PRICE_SOURCE, price_version=PRICE_VERSION)
+#: a request that was billed but whose usage the provider did not report: unknown, never zero
+UNKNOWN_COST = Cost(None, None)
 
 
 @dataclass(frozen=True)
@@ -169,9 +185,10 @@ class _Plan:
 
     linear: dict[str, Decimal] | None
     model_price: ModelPrice | None
-    #: the linear table in whole picodollars per token (input, cache read, cache write, output), when every
-    #: price is a whole number of them (all published ones are): integer arithmetic, exact, several times faster
-    pico: tuple[int, int, int, int] | None = None
+    #: the linear table in whole picodollars per token (input, cache read, cache write, 1-hour cache write,
+    #: output), when every price is a whole number of them (all published ones are): integer arithmetic, exact,
+    #: several times faster
+    pico: tuple[int, int, int, int, int] | None = None
 
 
 def _linear_table(price: ModelPrice) -> dict[str, Decimal] | None:
@@ -181,13 +198,29 @@ def _linear_table(price: ModelPrice) -> dict[str, Decimal] | None:
     return {k: v for k, v in values.items() if isinstance(v, Decimal)}
 
 
+def _mtok_prices(table: Mapping[str, Decimal]) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal]:
+    """(input, cache read, cache write, 1-hour cache write, output) per Mtok, with genai-prices' fallbacks: a
+    missing cache price is the input price, a missing 1-hour write price the (5-minute) cache write price."""
+    input_mtok = table.get("input_mtok", Decimal(0))
+    write_mtok = table.get("cache_write_mtok", input_mtok)
+    return (
+        input_mtok,
+        table.get("cache_read_mtok", input_mtok),
+        write_mtok,
+        table.get("cache_write_1h_mtok", write_mtok),
+        table.get("output_mtok", Decimal(0)),
+    )
+
+
 def _linear_cost(table: Mapping[str, Decimal], u: TokenUsage) -> Decimal:
-    uncached = u.input_tokens - u.cached_input_tokens - u.cache_creation_tokens
+    input_mtok, read_mtok, write_mtok, hour_mtok, output_mtok = _mtok_prices(table)
+    read, write, hour = u.cached_input_tokens, u.cache_creation_tokens, u.cache_creation_1h_tokens
     total = (
-        uncached * table.get("input_mtok", Decimal(0))
-        + u.cached_input_tokens * table.get("cache_read_mtok", table.get("input_mtok", Decimal(0)))
-        + u.cache_creation_tokens * table.get("cache_write_mtok", table.get("input_mtok", Decimal(0)))
-        + u.output_tokens * table.get("output_mtok", Decimal(0))
+        (u.input_tokens - read - write) * input_mtok
+        + read * read_mtok
+        + (write - hour) * write_mtok
+        + hour * hour_mtok
+        + u.output_tokens * output_mtok
     )
     return total / MILLION
 
@@ -196,6 +229,8 @@ _PROBES = (
     TokenUsage(1000, 0, 0, 100),
     TokenUsage(123_457, 45_678, 0, 9_876),
     TokenUsage(50_000, 20_000, 10_000, 3),
+    # 1-hour cache writes next to 5-minute ones: a table pricing them at the 5-minute rate is caught
+    TokenUsage(80_001, 10_000, 30_000, 11, cache_creation_1h_tokens=12_345),
 )
 
 
@@ -210,30 +245,24 @@ def _plan(price: ModelPrice) -> _Plan:
     return _Plan(table, price, None if table is None else _pico_prices(table))
 
 
-def _pico_prices(table: Mapping[str, Decimal]) -> tuple[int, int, int, int] | None:
+def _pico_prices(table: Mapping[str, Decimal]) -> tuple[int, int, int, int, int] | None:
     """A linear table's prices per token in picodollars (1 USD/Mtok = 10^6 pico-USD/token), if all are whole."""
-    input_mtok = table.get("input_mtok", Decimal(0))
-    mtok = (
-        input_mtok,
-        table.get("cache_read_mtok", input_mtok),
-        table.get("cache_write_mtok", input_mtok),
-        table.get("output_mtok", Decimal(0)),
-    )
-    pico = [price.scaleb(6) for price in mtok]
+    pico = [price.scaleb(6) for price in _mtok_prices(table)]
     if any(price != price.to_integral_value() for price in pico):
         return None
-    input_pico, read_pico, write_pico, output_pico = (int(price) for price in pico)
-    return input_pico, read_pico, write_pico, output_pico
+    input_pico, read_pico, write_pico, hour_pico, output_pico = (int(price) for price in pico)
+    return input_pico, read_pico, write_pico, hour_pico, output_pico
 
 
 def _cost(plan: _Plan, usage: TokenUsage) -> Decimal:
     if plan.pico is not None:
-        input_pico, read_pico, write_pico, output_pico = plan.pico
-        read, write = usage.cached_input_tokens, usage.cache_creation_tokens
+        input_pico, read_pico, write_pico, hour_pico, output_pico = plan.pico
+        read, write, hour = usage.cached_input_tokens, usage.cache_creation_tokens, usage.cache_creation_1h_tokens
         total = (
             (usage.input_tokens - read - write) * input_pico
             + read * read_pico
-            + write * write_pico
+            + (write - hour) * write_pico
+            + hour * hour_pico
             + usage.output_tokens * output_pico
         )
         return Decimal(total).scaleb(-12)
@@ -327,6 +356,9 @@ class PriceBook:
 def load_overrides(path: Path | None) -> dict[str, dict[str, dict[str, Any]]]:
     """Read a price overrides file (JSON): ``{"openai/gpt-4o-mini": {"realtime": {"input_mtok": "0.1", …}}}``.
 
+    Keys (USD per million tokens): ``input_mtok``, ``output_mtok``, ``cache_read_mtok``, ``cache_write_mtok``
+    and ``cache_write_1h_mtok`` (1-hour cache writes; needs ``cache_write_mtok`` beside it, as in genai-prices).
+
     Raises:
         ConfigError: the file cannot be read or has the wrong shape (says which entry).
     """
@@ -342,7 +374,14 @@ def load_overrides(path: Path | None) -> dict[str, dict[str, dict[str, Any]]]:
         if "/" not in name or not isinstance(entry, dict) or not isinstance(entry.get("realtime"), dict):
             raise ConfigError(f"price overrides {path}: entry {name!r} needs 'provider/model' and a 'realtime' object")
         for mode in ("realtime", "batch"):
-            for key, value in (entry.get(mode) or {}).items():
+            prices = entry.get(mode) or {}
+            if not isinstance(prices, dict):
+                raise ConfigError(f"price overrides {path}: {name}.{mode} must be an object of prices")
+            if "cache_write_1h_mtok" in prices and "cache_write_mtok" not in prices:
+                raise ConfigError(
+                    f"price overrides {path}: {name}.{mode}.cache_write_1h_mtok needs cache_write_mtok beside it"
+                )
+            for key, value in prices.items():
                 if key not in _LINEAR_KEYS:
                     raise ConfigError(
                         f"price overrides {path}: {name}.{mode}.{key} is not one of {sorted(_LINEAR_KEYS)}"

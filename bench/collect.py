@@ -232,9 +232,9 @@ _UPDATE = (
 # the ledger entry of a settled job, as batcher writes it: from the job row while it is still ``submitted``
 _LEDGER = (
     "INSERT INTO ledger (job_id, attempt, batch_id, provider, account, model, run, tags, mode, input_tokens, "
-    "cached_input_tokens, cache_creation_tokens, output_tokens, reasoning_tokens, actual_usd, realtime_usd, "
-    "batch_price_derived, price_source, price_version, settled_at) "
-    "SELECT id, attempts, batch_id, provider, account, model, run, tags, 'batch', {p[1]}, {p[2]}, 0, {p[3]}, "
+    "cached_input_tokens, cache_creation_tokens, cache_creation_1h_tokens, output_tokens, reasoning_tokens, "
+    "actual_usd, realtime_usd, batch_price_derived, price_source, price_version, settled_at) "
+    "SELECT id, attempts, batch_id, provider, account, model, run, tags, 'batch', {p[1]}, {p[2]}, 0, 0, {p[3]}, "
     "{p[4]}, {p[5]}, {p[6]}, false, 'bench', 'bench', {p[7]} "
     "FROM jobs WHERE id = {p[0]} AND batch_id = {p[8]} AND state = 'submitted' "
     "ON CONFLICT (job_id, attempt) DO NOTHING"

@@ -150,6 +150,8 @@ class Job(Base):
     custom_id: Mapped[str] = mapped_column(sa.String(255))
     body: Mapped[str] = mapped_column(sa.Text)
     body_bytes: Mapped[int] = mapped_column(sa.Integer)
+    #: embedding inputs in the request (1 for every other endpoint): OpenAI caps them per batch
+    inputs: Mapped[int] = mapped_column(sa.Integer, default=1, server_default=sa.text("1"))
     tags: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
     priority: Mapped[int] = mapped_column(sa.Integer, default=0)
     not_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -221,6 +223,8 @@ class LedgerEntry(Base):
     input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     cached_input_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     cache_creation_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    #: the part of ``cache_creation_tokens`` written with a 1-hour lifetime (Anthropic), priced higher
+    cache_creation_1h_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     output_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     actual_usd: Mapped[Decimal | None] = mapped_column(Money())
@@ -242,7 +246,11 @@ class LedgerEntry(Base):
 
 
 class Pause(Base):
-    """A provider account + model that must not get new batches until ``until`` (e.g. token limit hit)."""
+    """A provider account + model that must not get new batches until ``until`` (e.g. token limit hit).
+
+    ``batch_cap``, while ``batch_cap_until`` has not passed, is the most jobs one batch of the model may hold:
+    learned when a batch alone was over the provider's enqueued-token limit.
+    """
 
     __tablename__ = "pauses"
 
@@ -251,6 +259,8 @@ class Pause(Base):
     until: Mapped[datetime] = mapped_column(UTCDateTime())
     backoff_s: Mapped[float] = mapped_column(sa.Float)
     reason: Mapped[str] = mapped_column(sa.String(200))
+    batch_cap: Mapped[int | None] = mapped_column(sa.Integer)
+    batch_cap_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Tenant(Base):

@@ -153,6 +153,7 @@ class ApiEnv:
                         input_tokens=10,
                         cached_input_tokens=0,
                         cache_creation_tokens=0,
+                        cache_creation_1h_tokens=0,
                         output_tokens=2,
                         reasoning_tokens=0,
                         actual_usd=cost,

@@ -128,7 +128,7 @@ async def test_settling_finds_jobs_by_key_on_a_table_without_statistics(db: Data
     s = _statements(db)
     rows = [(job_id, None, None) for job_id in ids[:1000]]
     error_rows = [(job_id, "x", {}) for job_id in ids[:1000]]
-    entry_rows = [(job_id, 1, 0, 0, 1, 0, Decimal(1), Decimal(2), False, "s", "v") for job_id in ids[:1000]]
+    entry_rows = [(job_id, 1, 0, 0, 0, 1, 0, Decimal(1), Decimal(2), False, "s", "v") for job_id in ids[:1000]]
     shared = {"batch_id": batch_id, "now": utcnow()}
     plans = {
         "entries": await plan(db, s.entries, s.entries.params(entry_rows, mode="batch", **shared)),

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from emulated_env import emulated
 from pydantic import SecretStr
 
 from batcher import Batcher, JobSpec, Provider, Settings
@@ -16,10 +19,12 @@ from batcher.db.engine import Database
 from batcher.db.tables import batches, jobs, ledger
 from batcher.demo import sample_specs
 from batcher.emulator import EmulatorSettings, serve_emulator
+from batcher.intake import enqueue_specs
 from batcher.ledger import savings
 from batcher.lifecycle import Pipeline
 from batcher.pricing import PriceBook, normalize_usage
 from batcher.providers.openai import OpenAIAdapter
+from batcher.timeutil import utcnow
 from workers.settings import run_worker
 
 
@@ -134,3 +139,66 @@ async def test_savings_groupings(ran: tuple[Database, Pipeline]) -> None:
         teams = {g.key for g in (await savings(conn, by="tag:team")).groups}
         assert teams == {"search", "billing", "support", "(none)"}
         assert (await savings(conn, run="nope")).totals.jobs == 0
+
+
+# ------------------------------------------------------------------------------------ Anthropic 1-hour cache writes
+
+#: claude-sonnet-4-5, USD per million tokens in real time (a batch pays half of each): input, 1-hour cache write,
+#: output — 1-hour writes cost $6/M, not the $3.75/M of 5-minute writes
+SONNET_45 = {"input": Decimal(3), "write_1h": Decimal(6), "output": Decimal(15)}
+
+
+def hour_cached(custom_id: str, prefix: str, **over: Any) -> JobSpec:
+    """A Messages job whose system prompt (just under 40,000 characters: 10,000 tokens) is cached for an hour."""
+    system = [
+        {"type": "text", "text": prefix * (40_000 // len(prefix)), "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    ]
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 16,
+        "system": system,
+        "messages": [{"role": "user", "content": "go"}],
+    }
+    return JobSpec(
+        provider=Provider.ANTHROPIC,
+        account="anthropic",
+        endpoint="/v1/messages",
+        model="claude-sonnet-4-5",
+        custom_id=custom_id,
+        body=body,
+        run="hour",
+        **over,
+    )
+
+
+async def test_anthropic_one_hour_cache_writes_priced_in_batch_and_real_time(db_url: str, tmp_path: Path) -> None:
+    async with emulated(db_url, tmp_path / "emu", provider=Provider.ANTHROPIC, expected_turnaround_s=3600.0) as env:
+        now = utcnow()
+        # one job a batch can return in time, one that must go to the real-time API; each writes its own prefix
+        await enqueue_specs(
+            env.db,
+            [
+                hour_cached("batched", "Batch prefix. ", not_after=now + timedelta(days=2)),
+                hour_cached("late", "Fallback text ", not_after=now + timedelta(seconds=600)),
+            ],
+        )
+        await env.drive()
+        async with env.db.engine.connect() as conn:
+            query = sa.select(jobs.c.custom_id, ledger).join(ledger, ledger.c.job_id == jobs.c.id)
+            entries = {r["custom_id"]: r for r in (await conn.execute(query)).mappings()}
+    assert set(entries) == {"batched", "late"}
+    assert (entries["batched"]["mode"], entries["late"]["mode"]) == ("batch", "realtime")
+    for name, entry in entries.items():
+        assert entry["cache_creation_tokens"] == entry["cache_creation_1h_tokens"] == 10_000, name
+        assert entry["cached_input_tokens"] == 0, name
+        uncached = entry["input_tokens"] - 10_000
+        assert uncached > 0 and entry["output_tokens"] > 0, name
+        realtime = (
+            uncached * SONNET_45["input"]
+            + 10_000 * SONNET_45["write_1h"]
+            + entry["output_tokens"] * SONNET_45["output"]
+        ) / 1_000_000
+        assert entry["realtime_usd"] == realtime, name
+        # a batch pays half of every kind of token; a real-time fallback pays the real-time price
+        assert entry["actual_usd"] == (realtime / 2 if entry["mode"] == "batch" else realtime), name
+        assert not entry["batch_price_derived"]

@@ -12,7 +12,7 @@ from batcher.db.tables import jobs, metadata
 
 
 def test_single_head() -> None:
-    assert migrate.heads() == ["0004"]
+    assert migrate.heads() == ["0005"]
 
 
 async def test_empty_to_head_matches_metadata(db_url: str) -> None:
