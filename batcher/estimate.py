@@ -109,7 +109,7 @@ class ModelEstimate:
     batches: int = 0
     batch_usd: Decimal | None = Decimal(0)
     realtime_usd: Decimal | None = Decimal(0)
-    sizes: list[tuple[str, int]] = field(default_factory=list, repr=False)
+    sizes: list[tuple[str, int, int]] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -200,7 +200,7 @@ def estimate_file(
             group.jobs += 1
             group.input_tokens += usage.input_tokens
             group.output_tokens += usage.output_tokens
-            group.sizes.append((parsed.custom_id, parsed.body_bytes))
+            group.sizes.append((parsed.custom_id, parsed.body_bytes, parsed.inputs))
     if errors:
         raise InvalidFile(str(path), errors, error_count)
     for group in groups.values():

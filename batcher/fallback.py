@@ -40,8 +40,9 @@ from batcher.db.tables import batches, jobs, ledger
 from batcher.domain import BatchState, JobState
 from batcher.errors import ProviderError
 from batcher.ledger import entry_params
-from batcher.pricing import ZERO_COST, normalize_usage
+from batcher.pricing import UNKNOWN_COST, ZERO_COST, normalize_usage
 from batcher.providers.base import Outcome, OutcomeKind
+from batcher.providers.limits import MODERATIONS_ENDPOINT
 from batcher.recovery import JobsLease
 
 if TYPE_CHECKING:
@@ -279,7 +280,11 @@ def _entry(db: Database, job: _Claimed, now: datetime) -> Any:
 async def _settle_outcome(p: Pipeline, job: _Claimed, outcome: Outcome, now: datetime, report: FallbackReport) -> None:
     if outcome.kind is OutcomeKind.SUCCEEDED:
         usage = normalize_usage(job.provider, outcome.usage)
-        cost = p.prices.cost(p.price_provider(job.account), job.model, usage, mode=MODE)
+        cost = (
+            p.prices.cost(p.price_provider(job.account), job.model, usage, mode=MODE)
+            if outcome.usage or job.endpoint == MODERATIONS_ENDPOINT
+            else UNKNOWN_COST  # no usage reported: the cost is unknown, not zero (moderations are free)
+        )
         async with p.db.engine.begin() as conn:
             await conn.execute(_entry(p.db, job, now), entry_params(job.id, usage, cost))
             result = await conn.execute(

@@ -26,10 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batcher.db.engine import Database
 from batcher.db.tables import jobs
-from batcher.domain import JobSpec, JobState, Provider, new_id
+from batcher.domain import JobSpec, JobState, Provider
 from batcher.errors import InvalidFile, InvalidInput
 from batcher.providers.base import Limits
-from batcher.providers.limits import ANTHROPIC_ENDPOINT, DEFAULT_LIMITS
+from batcher.providers.limits import ANTHROPIC_ENDPOINT, DEFAULT_LIMITS, EMBEDDINGS_ENDPOINT
 from batcher.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
@@ -68,11 +68,13 @@ class ParsedLine:
     body_json: str
     #: the body's size in bytes (UTF-8), what provider limits count
     body_bytes: int
+    #: embedding inputs (1 for every other endpoint)
+    inputs: int = 1
 
     @classmethod
-    def build(cls, custom_id: str, endpoint: str, model: str, body: Any) -> ParsedLine:
+    def build(cls, custom_id: str, endpoint: str, model: str, body: Any, inputs: int = 1) -> ParsedLine:
         encoded = orjson.dumps(body)
-        return cls(custom_id, endpoint, model, encoded.decode(), len(encoded))
+        return cls(custom_id, endpoint, model, encoded.decode(), len(encoded), inputs)
 
 
 @dataclass
@@ -119,6 +121,15 @@ def _check_model(body: Any, where: str) -> str:
     return model
 
 
+def embedding_inputs(body: dict[str, Any]) -> int:
+    """How many inputs an embeddings request holds: one per item of an ``input`` list (a list of token ids is one
+    input), else one."""
+    value = body.get("input")
+    if isinstance(value, list) and value and not all(isinstance(item, int) for item in value):
+        return len(value)
+    return 1
+
+
 def parse_openai_request(obj: Any, limits: Limits) -> ParsedLine:
     """Check one OpenAI batch line (``{custom_id, method, url, body}``).
 
@@ -140,7 +151,16 @@ def parse_openai_request(obj: Any, limits: Limits) -> ParsedLine:
     if not _OPENAI_FIELDS.issuperset(obj):
         extra = set(obj) - _OPENAI_FIELDS
         raise InvalidInput(f"unexpected field(s) {', '.join(sorted(extra))}", field=sorted(extra)[0])
-    return ParsedLine.build(custom_id, url, model, body)
+    inputs = 1
+    if url == EMBEDDINGS_ENDPOINT:
+        assert isinstance(body, dict)
+        inputs = embedding_inputs(body)
+        if limits.max_inputs is not None and inputs > limits.max_inputs:
+            raise InvalidInput(
+                f"body.input holds {inputs:,} embedding inputs; a batch takes at most {limits.max_inputs:,}",
+                field="body.input",
+            )
+    return ParsedLine.build(custom_id, url, model, body, inputs)
 
 
 def parse_anthropic_request(obj: Any, limits: Limits) -> ParsedLine:
@@ -217,19 +237,9 @@ class RowBuilder:
         if defaults.callback_url is not None:
             self.base["callback_url"] = defaults.callback_url
 
-    def row(self, line: ParsedLine) -> dict[str, Any]:
-        row = dict(self.base)
-        row["id"] = new_id()
-        row["custom_id"] = line.custom_id
-        row["endpoint"] = line.endpoint
-        row["model"] = line.model
-        row["body"] = line.body_json
-        row["body_bytes"] = line.body_bytes
-        return row
-
 
 #: the values one row of a file has of its own; every other column is the same for all rows of one call
-_PER_ROW_COLUMNS = ("id", "custom_id", "endpoint", "model", "body", "body_bytes")
+_PER_ROW_COLUMNS = ("id", "custom_id", "endpoint", "model", "body", "body_bytes", "inputs")
 
 
 def _new_ids(count: int) -> list[str]:
@@ -334,7 +344,7 @@ class FileRows:
         assemble = self._assemble
         shared = self._shared
         return [
-            assemble((job_id, p.custom_id, p.endpoint, p.model, p.body_json, p.body_bytes, *shared))
+            assemble((job_id, p.custom_id, p.endpoint, p.model, p.body_json, p.body_bytes, p.inputs, *shared))
             for job_id, p in zip(_new_ids(len(lines)) if ids is None else ids, lines, strict=True)
         ]
 
@@ -348,6 +358,7 @@ class FileRows:
             [p.model for p in lines],
             [p.body_json for p in lines],
             [p.body_bytes for p in lines],
+            [p.inputs for p in lines],
         )
         return tuple(self._assemble((*per_row, *self._shared)))
 

@@ -18,7 +18,7 @@ import logging
 import random
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from batcher.packer import (
 )
 from batcher.pricing import PriceBook, load_overrides
 from batcher.providers import registry
-from batcher.providers.base import BatchStatus, ProviderAdapter
+from batcher.providers.base import BatchStatus, Limits, ProviderAdapter
 from batcher.recovery import BatchLease, LeaseLost, SweepReport
 from batcher.settle import CollectReport
 from batcher.timeutil import utcnow
@@ -190,12 +190,17 @@ class Pipeline:
         """
         created: list[str] = []
         async with self.db.engine.connect() as conn:
-            groups = await self._queued_groups(conn, now)
+            groups, caps = await self._queued_groups(conn, now)
         for stats in groups:
             adapter = self.adapters[stats.key.account]
+            limits = adapter.limits
+            cap = caps.get((stats.key.account, stats.key.model))
+            if cap is not None and cap < limits.max_requests:
+                # a batch of this model alone was over the provider's enqueued-token limit: smaller ones
+                limits = replace(limits, max_requests=cap)
             reason = flush_reason(
                 stats,
-                adapter.limits,
+                limits,
                 now,
                 max_wait_s=self.settings.pack_max_wait_s,
                 turnaround_s=self.turnaround_s(stats.key.account),
@@ -207,7 +212,7 @@ class Pipeline:
             # forced (burst mode) packs the remainder too; a full group otherwise leaves it waiting for company
             keep_partial = force or reason is not FlushReason.FULL
             try:
-                created.extend(await self._pack_group(stats.key, adapter, now, keep_partial=keep_partial))
+                created.extend(await self._pack_group(stats.key, limits, now, keep_partial=keep_partial))
             except _RaceLost as exc:
                 # rolled back; the group's rows are packed on a later tick. Other groups still go now.
                 logger.info("%s; retrying next tick", exc)
@@ -225,9 +230,20 @@ class Pipeline:
             ),
         )
 
-    async def _queued_groups(self, conn: AsyncConnection, now: datetime) -> list[GroupStats]:
-        paused = sa.select(pauses.c.account, pauses.c.model).where(pauses.c.until > now)
-        paused_keys = {(a, m) for a, m in await conn.execute(paused)}
+    async def _queued_groups(
+        self, conn: AsyncConnection, now: datetime
+    ) -> tuple[list[GroupStats], dict[tuple[str, str], int]]:
+        """What is queued per group (paused ones left out), and the learned batch caps per (account, model)."""
+        paused_keys: set[tuple[str, str]] = set()
+        caps: dict[tuple[str, str], int] = {}
+        pause_query = sa.select(
+            pauses.c.account, pauses.c.model, pauses.c.until, pauses.c.batch_cap, pauses.c.batch_cap_until
+        )
+        for row in await conn.execute(pause_query):
+            if row.until > now:
+                paused_keys.add((row.account, row.model))
+            if row.batch_cap is not None and row.batch_cap_until is not None and row.batch_cap_until > now:
+                caps[(row.account, row.model)] = row.batch_cap
         out = []
         # only the accounts this worker serves: another worker's are not ours to pack
         for account in sorted(self.adapters):
@@ -240,24 +256,21 @@ class Pipeline:
                     sa.func.sum(jobs.c.body_bytes),
                     sa.func.min(jobs.c.queued_at),
                     sa.func.min(jobs.c.not_after),
+                    sa.func.sum(jobs.c.inputs),
                 )
                 .where(jobs.c.state == JobState.QUEUED.value, self._batchable(account, now))
                 .group_by(jobs.c.provider, jobs.c.endpoint, jobs.c.model)
             )
-            for provider, endpoint, model, count, body_bytes, oldest, deadline in await conn.execute(query):
+            for provider, endpoint, model, count, body_bytes, oldest, deadline, inputs in await conn.execute(query):
                 if (account, model) in paused_keys:
                     continue
-                out.append(
-                    GroupStats(GroupKey(provider, account, endpoint, model), count, int(body_bytes), oldest, deadline)
-                )
-        return out
+                key = GroupKey(provider, account, endpoint, model)
+                out.append(GroupStats(key, count, int(body_bytes), oldest, deadline, int(inputs)))
+        return out, caps
 
-    async def _pack_group(
-        self, key: GroupKey, adapter: ProviderAdapter, now: datetime, *, keep_partial: bool
-    ) -> list[str]:
-        limits = adapter.limits
+    async def _pack_group(self, key: GroupKey, limits: Limits, now: datetime, *, keep_partial: bool) -> list[str]:
         query = (
-            sa.select(jobs.c.id, jobs.c.body_bytes)
+            sa.select(jobs.c.id, jobs.c.body_bytes, jobs.c.inputs)
             .where(
                 jobs.c.state == JobState.QUEUED.value,
                 self._batchable(key.account, now),
@@ -265,14 +278,14 @@ class Pipeline:
                 jobs.c.model == key.model,
             )
             .order_by(jobs.c.priority.desc(), jobs.c.queued_at, jobs.c.id)
-            # bounded: a group with a million queued jobs is packed a few batches per tick
-            .limit(limits.max_requests * 2)
+            # bounded: a group with a million queued jobs is packed a few full batches per tick
+            .limit(self.adapters[key.account].limits.max_requests * 2)
         )
         if not self.db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
         created: list[str] = []
         async with self.db.engine.begin() as conn:
-            rows = [(r[0], r[1]) for r in await conn.execute(query)]
+            rows = [(r[0], r[1], r[2]) for r in await conn.execute(query)]
             for chunk in split(rows, limits, keep_partial=keep_partial):
                 batch_id = new_id()
                 await conn.execute(
@@ -615,14 +628,14 @@ class Pipeline:
             )
             if result.rowcount == 1 and current is BatchState.VALIDATING and target in _VALIDATED:
                 # the provider took a batch of this model again: a token-limit pause that has run its course
-                # starts over from its base the next time, instead of doubling on from an old streak
-                await conn.execute(
-                    sa.delete(pauses).where(
-                        pauses.c.account == claimed["account"],
-                        pauses.c.model == claimed["model"],
-                        pauses.c.until <= now,
-                    )
+                # starts over from its base the next time, instead of doubling on from an old streak; a learned
+                # batch cap stays until it runs out
+                ran_out = sa.and_(
+                    pauses.c.account == claimed["account"], pauses.c.model == claimed["model"], pauses.c.until <= now
                 )
+                capped = sa.and_(pauses.c.batch_cap.is_not(None), pauses.c.batch_cap_until > now)
+                await conn.execute(sa.delete(pauses).where(ran_out, sa.not_(capped)))
+                await conn.execute(sa.update(pauses).where(ran_out, capped).values(backoff_s=0))
         return target
 
     async def _poll_failed(

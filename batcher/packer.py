@@ -50,6 +50,8 @@ class GroupStats:
     body_bytes: int
     oldest_queued_at: datetime
     earliest_deadline: datetime | None
+    #: embedding inputs summed over the jobs (:attr:`Limits.max_inputs`)
+    inputs: int = 0
 
     @property
     def line_bytes(self) -> int:
@@ -80,7 +82,11 @@ def flush_reason(
     """
     if stats.count <= 0:
         return None
-    if stats.count >= limits.max_requests or stats.line_bytes >= limits.max_bytes:
+    if (
+        stats.count >= limits.max_requests
+        or stats.line_bytes >= limits.max_bytes
+        or (limits.max_inputs is not None and stats.inputs >= limits.max_inputs)
+    ):
         return FlushReason.FULL
     if force:
         return FlushReason.FORCED
@@ -94,30 +100,41 @@ def flush_reason(
     return None
 
 
-def split(candidates: Iterable[tuple[str, int]], limits: Limits, *, keep_partial: bool) -> list[list[str]]:
-    """Cut ``(job_id, body_bytes)`` pairs, already in packing order, into batches within the limits.
+def split(candidates: Iterable[tuple[str, int, int]], limits: Limits, *, keep_partial: bool) -> list[list[str]]:
+    """Cut ``(job_id, body_bytes, inputs)`` triples, already in packing order, into batches within the limits.
 
     Args:
-        candidates: queued jobs, highest priority first.
-        limits: the provider's request and byte caps per batch.
+        candidates: queued jobs, highest priority first; ``inputs`` counts a job's embedding inputs (1 for any
+            other request), which only matter where the provider caps them (:attr:`Limits.max_inputs`).
+        limits: the provider's request, byte and embedding-input caps per batch.
         keep_partial: keep the last batch even when it is not full (the group is being flushed); when
             ``False`` only full batches are returned and the rest keeps waiting.
 
     Returns:
         Job ids per batch, in order.
     """
+    max_inputs = limits.max_inputs
     batches: list[list[str]] = []
     current: list[str] = []
-    current_bytes = 0
-    for job_id, body_bytes in candidates:
+    current_bytes = current_inputs = 0
+    for job_id, body_bytes, inputs in candidates:
         line = body_bytes + LINE_OVERHEAD_BYTES
-        if current and (len(current) >= limits.max_requests or current_bytes + line > limits.max_bytes):
+        if current and (
+            len(current) >= limits.max_requests
+            or current_bytes + line > limits.max_bytes
+            or (max_inputs is not None and current_inputs + inputs > max_inputs)
+        ):
             batches.append(current)
-            current, current_bytes = [], 0
+            current, current_bytes, current_inputs = [], 0, 0
         current.append(job_id)
         current_bytes += line
+        current_inputs += inputs
     if current:
-        full = len(current) >= limits.max_requests or current_bytes >= limits.max_bytes
+        full = (
+            len(current) >= limits.max_requests
+            or current_bytes >= limits.max_bytes
+            or (max_inputs is not None and current_inputs >= max_inputs)
+        )
         if keep_partial or full:
             batches.append(current)
     return batches

@@ -27,8 +27,9 @@ from batcher.domain import BatchState, JobState
 from batcher.errors import ProviderError
 from batcher.ledger import ENTRY_VALUES, entries_from_batch, entry_row
 from batcher.packer import next_poll_interval, pause_backoff
-from batcher.pricing import ZERO_COST, normalize_usage
+from batcher.pricing import UNKNOWN_COST, ZERO_COST, normalize_usage
 from batcher.providers.base import BatchStatus, Outcome, OutcomeKind, ProviderAdapter
+from batcher.providers.limits import MODERATIONS_ENDPOINT
 
 if TYPE_CHECKING:
     from batcher.lifecycle import Pipeline
@@ -322,15 +323,21 @@ async def _write_chunk(p: Pipeline, writes: _Writes) -> None:
 def _priced_entries(
     p: Pipeline, batch: Mapping[str, Any], succeeded: list[tuple[str, str | None, dict[str, Any] | None]]
 ) -> list[tuple[Any, ...]]:
-    """Ledger entries of the succeeded jobs, priced (every job of a batch has its account and model)."""
+    """Ledger entries of the succeeded jobs, priced (every job of a batch has its account and model).
+
+    A success the provider reported no usage for has an unknown cost (``None``), never zero — except a
+    moderation, which OpenAI answers without usage because it is free.
+    """
     provider = batch["provider"]
+    free = batch["endpoint"] == MODERATIONS_ENDPOINT
     price_provider = p.price_provider(batch["account"])
     model = batch["model"]
     cost = p.prices.cost
     entries = []
     for job_id, _, reported in succeeded:
         usage = normalize_usage(provider, reported)
-        entries.append(entry_row(job_id, usage, cost(price_provider, model, usage, mode="batch")))
+        priced = cost(price_provider, model, usage, mode="batch") if reported or free else UNKNOWN_COST
+        entries.append(entry_row(job_id, usage, priced))
     return entries
 
 
@@ -362,13 +369,59 @@ async def _settle_leftovers(p: Pipeline, batch: Mapping[str, Any], now: datetime
         logger.warning("batch %s: %d job(s) had no result line", batch_id, report.missing)
 
 
+#: how long a batch cap learned from the enqueued-token limit holds (a higher usage tier raises the limit)
+BATCH_CAP_S = 24 * 3600
+
+
 async def _requeue_token_limited(p: Pipeline, batch: Mapping[str, Any], now: datetime, report: CollectReport) -> None:
-    """The provider's enqueued-token cap failed the batch: not the jobs' fault. Requeue them, pause the model."""
+    """The provider's enqueued-token cap failed the batch: not the jobs' fault. Requeue them, pause the model.
+
+    When no other batch of the model was at the provider meanwhile, waiting frees nothing: the batch alone is
+    over the limit. The model's next batches then hold at most half as many jobs (``pauses.batch_cap``, for
+    :data:`BATCH_CAP_S`), halving again while it recurs; a single job over the limit on its own fails with the
+    provider's message instead of being sent again and again.
+    """
     batch_id = batch["id"]
+    account, model = batch["account"], batch["model"]
+    in_batch = sa.and_(jobs.c.batch_id == batch_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value]))
+    started, ended = batch["submitted_at"], batch["ended_at"] or now
     async with p.db.engine.begin() as conn:
+        # batches of the model the provider held (took, not refused) while it had this one
+        others = await conn.scalar(
+            sa.select(sa.func.count()).where(
+                batches.c.account == account,
+                batches.c.model == model,
+                batches.c.id != batch_id,
+                batches.c.provider_batch_id.is_not(None),
+                sa.or_(batches.c.provider_state.is_(None), batches.c.provider_state != "failed"),
+                batches.c.submitted_at <= ended,
+                sa.true() if started is None else sa.or_(batches.c.ended_at.is_(None), batches.c.ended_at >= started),
+            )
+        )
+        size = int(await conn.scalar(sa.select(sa.func.count()).where(in_batch)) or 0)
+        alone = not others
+        if alone and size == 1:
+            message = next((e.get("message") for e in batch["errors"] or [] if e.get("code") == TOKEN_LIMIT), None)
+            error = {
+                "code": TOKEN_LIMIT,
+                "message": f"this request alone is over the provider's enqueued-token limit for {model}: {message}",
+                "batch_id": batch_id,
+            }
+            result = await conn.execute(
+                sa.update(jobs)
+                .where(in_batch)
+                .values(
+                    state=JobState.FAILED.value, error_code=TOKEN_LIMIT, error=error, settled_at=now, updated_at=now
+                )
+            )
+            report.failed += result.rowcount
+            logger.warning(
+                "batch %s: its one job is over the token limit of %s/%s on its own: failed", *(batch_id, account, model)
+            )
+            return
         result = await conn.execute(
             sa.update(jobs)
-            .where(jobs.c.batch_id == batch_id, jobs.c.state.in_([JobState.SUBMITTED.value, JobState.PACKED.value]))
+            .where(in_batch)
             .values(
                 state=JobState.QUEUED.value,
                 # the attempt that never ran is given back
@@ -380,23 +433,37 @@ async def _requeue_token_limited(p: Pipeline, batch: Mapping[str, Any], now: dat
             )
         )
         report.requeued += result.rowcount
-        previous = await conn.scalar(
-            sa.select(pauses.c.backoff_s).where(pauses.c.account == batch["account"], pauses.c.model == batch["model"])
-        )
-        backoff = pause_backoff(previous, base_s=p.settings.token_limit_pause_s)
+        row = (
+            await conn.execute(
+                sa.select(pauses.c.backoff_s, pauses.c.batch_cap, pauses.c.batch_cap_until).where(
+                    pauses.c.account == account, pauses.c.model == model
+                )
+            )
+        ).first()
+        previous, cap, cap_until = (None, None, None) if row is None else row
+        if cap_until is None or cap_until <= now:
+            cap = None
+        values: dict[str, Any] = {}
+        if alone:
+            # smaller batches, not a longer wait
+            backoff = p.settings.token_limit_pause_s
+            # half the failed batch, never more than a cap learned meanwhile (batches that failed together)
+            cap = max(1, min(cap or size, size // 2))
+            values = {"batch_cap": cap, "batch_cap_until": now + timedelta(seconds=BATCH_CAP_S)}
+        else:
+            backoff = pause_backoff(previous, base_s=p.settings.token_limit_pause_s)
         until = now + timedelta(seconds=backoff)
-        values = {"account": batch["account"], "model": batch["model"], "until": until, "backoff_s": backoff}
-        stmt = p.db.insert(pauses).values(**values, reason=TOKEN_LIMIT)
-        await conn.execute(
-            stmt.on_conflict_do_update(index_elements=["account", "model"], set_={"until": until, "backoff_s": backoff})
-        )
+        values.update(until=until, backoff_s=backoff)
+        stmt = p.db.insert(pauses).values(account=account, model=model, reason=TOKEN_LIMIT, **values)
+        await conn.execute(stmt.on_conflict_do_update(index_elements=["account", "model"], set_=values))
     logger.warning(
-        "batch %s hit the token limit: %d job(s) requeued, %s/%s paused %.0fs",
+        "batch %s hit the token limit: %d job(s) requeued, %s/%s paused %.0fs%s",
         batch_id,
         report.requeued,
-        batch["account"],
-        batch["model"],
+        account,
+        model,
         backoff,
+        f", its batches capped at {cap} job(s)" if alone else "",
     )
 
 

@@ -30,6 +30,7 @@ class Limits:
         endpoints: the request urls (``/v1/chat/completions``…) the batch API accepts.
         custom_id_pattern: what a custom_id must match at the provider (``None``: anything).
         max_line_bytes: the largest single request line the provider accepts.
+        max_inputs: embedding inputs per batch, summed over its requests (``None``: no such cap).
     """
 
     max_requests: int
@@ -38,6 +39,7 @@ class Limits:
     endpoints: frozenset[str]
     custom_id_pattern: re.Pattern[str] | None = None
     max_line_bytes: int | None = None
+    max_inputs: int | None = None
 
 
 class OutcomeKind(str, Enum):

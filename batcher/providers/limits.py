@@ -12,8 +12,10 @@ from batcher.providers.base import Limits
 
 MB = 1024 * 1024
 
+EMBEDDINGS_ENDPOINT = "/v1/embeddings"
+MODERATIONS_ENDPOINT = "/v1/moderations"
 OPENAI_ENDPOINTS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"}
+    {"/v1/chat/completions", "/v1/completions", EMBEDDINGS_ENDPOINT, "/v1/responses", MODERATIONS_ENDPOINT}
 )
 
 OPENAI_LIMITS = Limits(
@@ -23,6 +25,7 @@ OPENAI_LIMITS = Limits(
     endpoints=OPENAI_ENDPOINTS,
     custom_id_pattern=None,
     max_line_bytes=200 * MB,
+    max_inputs=50_000,
 )
 
 ANTHROPIC_ENDPOINT = "/v1/messages"

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from batcher import lifecycle, packer
+from batcher import lifecycle, packer, settle
 from batcher.config import Settings
 from batcher.db.engine import Database
-from batcher.db.tables import batches, jobs, pauses
+from batcher.db.tables import batches, jobs, ledger, pauses
 from batcher.domain import BATCH_AT_PROVIDER, BatchState, JobSpec, Provider
 from batcher.errors import ProviderError
 from batcher.intake import enqueue_specs
@@ -1111,21 +1111,25 @@ async def test_token_limit_requeues_gives_attempts_back_and_pauses(db: Database,
         pause = dict((await conn.execute(sa.select(pauses))).mappings().one())
     assert (pause["account"], pause["model"], pause["reason"]) == ("fake", "m1", "token_limit_exceeded")
     assert pause["backoff_s"] == PAUSE_S and pause["until"] == after(t, PAUSE_S)
+    # nothing else of m1 was at the provider: the batch alone was over the limit, so the next ones are halved
+    assert pause["batch_cap"] == 1 and pause["batch_cap_until"] == after(t, settle.BATCH_CAP_S)
     # with no batch active, the end of the pause is the next thing due
     assert await p.next_due_in(after(t, 10)) == PAUSE_S - 10
     # paused: not packed even when forced (only m2 is)
     [m2_batch] = await p.pack(after(t, PAUSE_S - 1), force=True)
     assert (await batch_row(db, m2_batch))["model"] == "m2"
     assert await p.pack(after(t, PAUSE_S - 1), force=True) == []
-    # second hit: the pause doubles
+    # second hit, while the model's other batches are at the provider: a queue to wait out, the pause doubles
     fake.fail_next_batch("token_limit_exceeded")
     t = after(t, PAUSE_S + 1)
-    [again] = await packed_and_submitted(p, t)
-    t = await to_collect(p, again, t)
-    await p.collect(again, t)
+    again = await packed_and_submitted(p, t)
+    assert len(again) == 3, "one job per batch under the cap"
+    t = await to_collect(p, again[0], t)
+    await p.collect(again[0], t)
     async with db.engine.connect() as conn:
         pause = dict((await conn.execute(sa.select(pauses))).mappings().one())
     assert pause["backoff_s"] == 2 * PAUSE_S and pause["until"] == after(t, 2 * PAUSE_S)
+    assert pause["batch_cap"] == 1
     await drive(p, t)
     rows = await job_rows(db)
     # two refusals did not use up the jobs' attempts
@@ -1472,3 +1476,37 @@ async def test_concurrent_collects_settle_each_job_once(pg_db: Database, pg_url:
         assert r2.succeeded == 5 and r2.failed == 5 and r2.requeued == 15
     finally:
         await db2.aclose()
+
+
+@pytest.mark.parametrize(("endpoint", "priced"), [(ENDPOINT, False), ("/v1/moderations", True)])
+async def test_a_success_without_usage_costs_unknown_not_zero(
+    db: Database, db_url: str, endpoint: str, priced: bool
+) -> None:
+    """A host that leaves ``usage`` out billed the request all the same: its cost is unknown (NULL), never $0 —
+    except a moderation, which OpenAI answers without usage because it is free."""
+    p, _ = make_pipeline(db, db_url, FakeProvider("fake", usage={}))
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "input": "hi"}
+    if endpoint == ENDPOINT:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    await enqueue_specs(
+        db,
+        [
+            JobSpec(
+                provider=Provider.OPENAI,
+                endpoint=endpoint,
+                model="gpt-4o-mini",
+                custom_id="u1",
+                body=body,
+                run="r",
+                account="fake",
+            )
+        ],
+    )
+    await drive(p, utcnow())
+    async with db.engine.connect() as conn:
+        (entry,) = (await conn.execute(sa.select(ledger))).mappings().all()
+    assert (await job_rows(db)).popitem()[1]["state"] == "succeeded"
+    if priced:
+        assert entry["actual_usd"] == 0 and entry["realtime_usd"] == 0
+    else:
+        assert entry["actual_usd"] is None and entry["realtime_usd"] is None

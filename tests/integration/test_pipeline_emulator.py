@@ -219,6 +219,67 @@ async def test_token_limit_requeues_and_pauses(make_env: Callable[..., Any]) -> 
         assert paused == []
 
 
+async def test_a_batch_alone_over_the_token_limit_is_sent_again_smaller(make_env: Callable[..., Any]) -> None:
+    # 20 jobs of 170 prompt tokens in all, 5 to 13 each; the cap takes 60 at a time: the batch of 20 fails with
+    # nothing else in flight, so waiting would free nothing; halving until a batch fits (any 5 jobs do) ends it
+    emu = EmulatorSettings(latency_s=0.1, token_limit=60)
+    async with make_env(emu, max_requests=25) as env:
+        await env.enqueue(specs(20, models=("gpt-4o-mini",)))
+        await env.burst(timeout_s=90)
+        rows = await env.jobs()
+        assert {r["state"] for r in rows} == {"succeeded"}
+        assert {r["attempts"] for r in rows} == {1}, "a batch the token limit refused is not the jobs' attempt"
+        made = await env.batches()
+        refused = [b for b in made if b["provider_state"] == "failed"]
+        assert refused and all(e["code"] == "token_limit_exceeded" for b in refused for e in b["errors"])
+        accepted = [b for b in made if b["provider_state"] != "failed"]
+        assert accepted and all(b["request_count"] <= 5 for b in accepted)
+        async with env.db.engine.connect() as conn:
+            (pause,) = (await conn.execute(sa.select(pauses))).mappings().all()
+        # the cap is kept (a day) although the pause ran out and later batches were taken
+        assert pause["batch_cap"] == 5 and pause["batch_cap_until"] > utcnow()
+
+
+async def test_a_job_alone_over_the_token_limit_fails_with_the_providers_message(
+    make_env: Callable[..., Any],
+) -> None:
+    emu = EmulatorSettings(latency_s=0.1, token_limit=3)
+    async with make_env(emu) as env:
+        await env.enqueue(specs(2, models=("gpt-4o-mini",)))
+        await env.burst(timeout_s=60)
+        rows = await env.jobs()
+        assert {r["state"] for r in rows} == {"failed"}
+        for r in rows:
+            assert r["error_code"] == "token_limit_exceeded"
+            assert "alone is over the provider's enqueued-token limit for gpt-4o-mini" in r["error"]["message"]
+            assert "Enqueued token limit reached" in r["error"]["message"]
+
+
+async def test_embedding_batches_hold_at_most_50000_inputs(make_env: Callable[..., Any]) -> None:
+    # three requests of 20,000 inputs each: any two are over OpenAI's 50,000 embedding inputs per batch, which
+    # the emulator enforces; packed by request count alone they would go in one batch and one would be failed
+    def embedding(i: int) -> JobSpec:
+        body = {"model": "text-embedding-3-small", "input": [f"w{i}"] * 20_000, "dimensions": 1}
+        return JobSpec(
+            provider=Provider.OPENAI,
+            endpoint="/v1/embeddings",
+            model="text-embedding-3-small",
+            custom_id=f"e{i}",
+            body=body,
+            run="r",
+        )
+
+    async with make_env() as env:
+        await env.enqueue([embedding(i) for i in range(3)])
+        async with env.db.engine.connect() as conn:
+            assert set((await conn.scalars(sa.select(jobs.c.inputs))).all()) == {20_000}
+        await env.burst(timeout_s=90)
+        rows = await env.jobs()
+        assert {r["state"] for r in rows} == {"succeeded"}
+        assert {len(orjson.loads(r["result"])["data"]) for r in rows} == {20_000}
+        assert sorted(b["request_count"] for b in await env.batches()) == [1, 2]
+
+
 async def test_api_errors_are_retried(make_env: Callable[..., Any]) -> None:
     emu = EmulatorSettings(latency_s=0.1, api_error_rate=0.3, seed=11)
     async with make_env(emu, max_retries=0) as env:

@@ -91,3 +91,27 @@ def test_line_over_provider_size_refused() -> None:
     small = replace(OPENAI_LIMITS, max_line_bytes=100)
     with pytest.raises(InvalidInput, match="bytes; the provider accepts at most 100"):
         parse_line(oa(body={"model": "m", "messages": [{"content": "x" * 200}]}), Provider.OPENAI, small, 9)
+
+
+@pytest.mark.parametrize(
+    ("url", "body_input", "inputs"),
+    [
+        ("/v1/embeddings", "one text", 1),
+        ("/v1/embeddings", ["a", "b", "c"], 3),
+        ("/v1/embeddings", [1, 2, 3, 4], 1),  # one input given as token ids
+        ("/v1/embeddings", [[1, 2], [3], [4, 5]], 3),
+        ("/v1/embeddings", ["x"] * 50_000, 50_000),
+        ("/v1/moderations", ["a", "b"], 1),  # only embedding inputs are counted
+    ],
+)
+def test_embedding_inputs_are_counted(url: str, body_input: object, inputs: int) -> None:
+    raw = oa(url=url, body={"model": "text-embedding-3-small", "input": body_input})
+    assert parse_line(raw, Provider.OPENAI, OPENAI_LIMITS, 1).inputs == inputs
+
+
+def test_embeddings_request_over_the_batch_input_cap_refused() -> None:
+    raw = oa(url="/v1/embeddings", body={"model": "text-embedding-3-small", "input": ["x"] * 50_001})
+    with pytest.raises(InvalidInput) as info:
+        parse_line(raw, Provider.OPENAI, OPENAI_LIMITS, 7)
+    assert info.value.line == 7 and info.value.field == "body.input"
+    assert "50,001 embedding inputs; a batch takes at most 50,000" in str(info.value)

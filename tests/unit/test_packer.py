@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -70,12 +71,23 @@ def test_flush_reason(group: GroupStats, force: bool, expected: FlushReason | No
     assert got is expected
 
 
+@pytest.mark.parametrize(("inputs", "expected"), [(100, FlushReason.FULL), (99, None)])
+def test_flush_reason_full_by_embedding_inputs(inputs: int, expected: FlushReason | None) -> None:
+    group = replace(stats(3), inputs=inputs)
+    assert flush_reason(group, EMBEDDINGS, NOW, max_wait_s=MAX_WAIT_S, turnaround_s=TURNAROUND_S) is expected
+    # a provider without an input cap ignores them
+    assert flush_reason(group, LIMITS, NOW, max_wait_s=MAX_WAIT_S, turnaround_s=TURNAROUND_S) is None
+
+
 def test_line_bytes_adds_the_envelope() -> None:
     assert stats(4, body_bytes=1000).line_bytes == 1000 + 4 * LINE_OVERHEAD_BYTES
 
 
-def jobs(*sizes: int) -> list[tuple[str, int]]:
-    return [(f"j{i}", size) for i, size in enumerate(sizes)]
+def jobs(*sizes: int, inputs: int = 1) -> list[tuple[str, int, int]]:
+    return [(f"j{i}", size, inputs) for i, size in enumerate(sizes)]
+
+
+EMBEDDINGS = Limits(max_requests=10, max_bytes=10_000, one_model_per_batch=True, endpoints=frozenset(), max_inputs=100)
 
 
 @pytest.mark.parametrize(
@@ -93,10 +105,15 @@ def jobs(*sizes: int) -> list[tuple[str, int]]:
         # a single job larger than the cap still goes alone (the provider decides), never with others
         pytest.param(jobs(20_000, 10), LIMITS, True, [1, 1], id="oversized-alone"),
         pytest.param([], LIMITS, True, [], id="empty"),
+        # OpenAI's 50,000 embedding inputs per batch, scaled down to 100: 40 + 40 fit, a third does not
+        pytest.param(jobs(10, 10, 10, 10, 10, inputs=40), EMBEDDINGS, True, [2, 2, 1], id="inputs-keep-partial"),
+        pytest.param(jobs(10, 10, 10, 10, 10, inputs=40), EMBEDDINGS, False, [2, 2], id="inputs-drop-partial"),
+        pytest.param(jobs(10, 10, 10, 10, inputs=50), EMBEDDINGS, False, [2, 2], id="inputs-exactly-full"),
+        pytest.param(jobs(10, 10, 10, inputs=1), EMBEDDINGS, False, [], id="inputs-far-from-full"),
     ],
 )
 def test_split_sizes(
-    candidates: list[tuple[str, int]], limits: Limits, keep_partial: bool, expected: list[int]
+    candidates: list[tuple[str, int, int]], limits: Limits, keep_partial: bool, expected: list[int]
 ) -> None:
     assert [len(b) for b in split(candidates, limits, keep_partial=keep_partial)] == expected
 
@@ -104,7 +121,7 @@ def test_split_sizes(
 def test_split_keeps_priority_order() -> None:
     candidates = jobs(*[10] * 23)
     out = split(candidates, LIMITS, keep_partial=True)
-    assert [job_id for batch in out for job_id in batch] == [job_id for job_id, _ in candidates]
+    assert [job_id for batch in out for job_id in batch] == [job_id for job_id, _, _ in candidates]
     # the highest-priority jobs (first given) fill the first batch
     assert out[0] == [f"j{i}" for i in range(10)]
 
@@ -147,30 +164,45 @@ def test_pause_backoff_custom_cap() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    sizes=st.lists(st.integers(min_value=0, max_value=3000), max_size=120),
+    jobs_=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=3000), st.integers(min_value=1, max_value=60)), max_size=120
+    ),
     max_requests=st.integers(min_value=1, max_value=15),
     max_bytes=st.integers(min_value=200, max_value=8000),
+    max_inputs=st.one_of(st.none(), st.integers(min_value=60, max_value=300)),
     keep_partial=st.booleans(),
 )
-def test_split_property(sizes: list[int], max_requests: int, max_bytes: int, keep_partial: bool) -> None:
-    limits = Limits(max_requests=max_requests, max_bytes=max_bytes, one_model_per_batch=True, endpoints=frozenset())
-    candidates = [(f"j{i}", size) for i, size in enumerate(sizes)]
-    size_of = dict(candidates)
+def test_split_property(
+    jobs_: list[tuple[int, int]], max_requests: int, max_bytes: int, max_inputs: int | None, keep_partial: bool
+) -> None:
+    limits = Limits(
+        max_requests=max_requests,
+        max_bytes=max_bytes,
+        one_model_per_batch=True,
+        endpoints=frozenset(),
+        max_inputs=max_inputs,
+    )
+    candidates = [(f"j{i}", size, inputs) for i, (size, inputs) in enumerate(jobs_)]
+    size_of = {job_id: size for job_id, size, _ in candidates}
+    inputs_of = {job_id: inputs for job_id, _, inputs in candidates}
     out = split(candidates, limits, keep_partial=keep_partial)
     flat = [job_id for batch in out for job_id in batch]
     # never duplicates, never reorders
     assert len(flat) == len(set(flat))
-    assert flat == [job_id for job_id, _ in candidates][: len(flat)]
+    assert flat == [job_id for job_id, _, _ in candidates][: len(flat)]
     for batch in out:
         assert 1 <= len(batch) <= max_requests
         line_bytes = sum(size_of[j] + LINE_OVERHEAD_BYTES for j in batch)
         # over the byte cap only when one job alone is larger than it
         assert line_bytes <= max_bytes or len(batch) == 1
+        # never over the input cap (intake refuses a job over it on its own)
+        assert max_inputs is None or sum(inputs_of[j] for j in batch) <= max_inputs
     if keep_partial:
         # never loses an id
-        assert flat == [job_id for job_id, _ in candidates]
+        assert flat == [job_id for job_id, _, _ in candidates]
     else:
         # what is held back is a tail that does not fill a batch
         rest = candidates[len(flat) :]
         assert len(rest) < max_requests
-        assert sum(size + LINE_OVERHEAD_BYTES for _, size in rest) < max_bytes or len(rest) == 0
+        assert sum(size + LINE_OVERHEAD_BYTES for _, size, _ in rest) < max_bytes or len(rest) == 0
+        assert max_inputs is None or sum(inputs for _, _, inputs in rest) < max_inputs
