@@ -69,7 +69,13 @@ def entry_params(job_id: str, usage: TokenUsage | None, cost: Cost) -> dict[str,
     return {f"l_{name}": value for name, value in zip(ENTRY_VALUES, entry_row(job_id, usage, cost), strict=True)}
 
 
-def entries_from_batch(db: Database, values: RowValues, *, only: sa.ColumnElement[bool] | None = None) -> Any:
+def entries_from_batch(
+    db: Database,
+    values: RowValues,
+    *,
+    only: sa.ColumnElement[bool] | None = None,
+    state: JobState = JobState.SUBMITTED,
+) -> Any:
     """The INSERT that records an entry per row of ``values`` whose job is in the batch and still ``submitted``.
 
     Run before the jobs settle: a job settled before writes nothing. The statement binds ``batch_id``, ``mode``
@@ -78,10 +84,13 @@ def entries_from_batch(db: Database, values: RowValues, *, only: sa.ColumnElemen
     Args:
         values: the rows, with the columns of :data:`ENTRY_VALUES`.
         only: a further condition on the job row (e.g. its attempts are used up).
+        state: ``cancelled`` instead: jobs cancelled while their batch was being sent, which the provider ran
+            (and billed) all the same. Their attempt never counted, so the entry is for the next one.
     """
+    attempt = jobs.c.attempts if state is JobState.SUBMITTED else jobs.c.attempts + 1
     select = sa.select(
         jobs.c.id,
-        jobs.c.attempts,
+        attempt,
         jobs.c.batch_id,
         jobs.c.provider,
         jobs.c.account,
@@ -94,7 +103,7 @@ def entries_from_batch(db: Database, values: RowValues, *, only: sa.ColumnElemen
     ).where(
         jobs.c.id == values.c["job_id"],
         filter_only(jobs.c.batch_id) == sa.bindparam("batch_id", type_=jobs.c.batch_id.type),
-        filter_only(jobs.c.state) == JobState.SUBMITTED.value,
+        filter_only(jobs.c.state) == state.value,
         *(() if only is None else (only,)),
     )
     columns = ["job_id", "attempt", "batch_id", "provider", "account", "model", "run", "tags", "mode", *_PARAMS]

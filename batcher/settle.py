@@ -149,14 +149,23 @@ async def _settle_results(
 ) -> None:
     """Read the results and settle them chunk by chunk, one transaction each, in the order read."""
     status = _status_from_row(batch)
+    async with p.db.engine.connect() as conn:
+        # jobs cancelled while the batch was being sent: the provider may have run (and billed) them
+        cancelled_early = bool(
+            await conn.scalar(
+                sa.select(sa.func.count()).where(
+                    jobs.c.batch_id == batch["id"], jobs.c.state == JobState.CANCELLED.value
+                )
+            )
+        )
     chunk: list[Outcome] = []
     async for outcome in adapter.results(status):
         chunk.append(outcome)
         if len(chunk) >= p.settings.settle_chunk:
-            await _write_chunk(p, _prepare_chunk(p, batch, chunk, now, report))
+            await _write_chunk(p, _prepare_chunk(p, batch, chunk, now, report, cancelled_early=cancelled_early))
             chunk = []
     if chunk:
-        await _write_chunk(p, _prepare_chunk(p, batch, chunk, now, report))
+        await _write_chunk(p, _prepare_chunk(p, batch, chunk, now, report, cancelled_early=cancelled_early))
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,8 @@ class _Statements:
     entries: BulkStatement
     #: the same, only for jobs whose attempts are used up; binds ``mode`` and ``max_attempts``
     used_up_entries: BulkStatement
+    #: the same for jobs of the batch cancelled while it was being sent (the provider ran them); binds ``mode``
+    cancelled_entries: BulkStatement
     #: rows ``(id, result, usage)``
     succeeded: BulkStatement
     #: rows ``(id, error_code, error)``
@@ -215,6 +226,7 @@ def _compile_statements(db: Database) -> _Statements:
         used_up_entries=BulkStatement(
             entries_from_batch(db, entry, only=jobs.c.attempts >= max_attempts), entry, dialect
         ),
+        cancelled_entries=BulkStatement(entries_from_batch(db, entry, state=JobState.CANCELLED), entry, dialect),
         succeeded=BulkStatement(
             sa.update(jobs)
             .where(in_batch(result))
@@ -255,9 +267,19 @@ _Writes = list[tuple[BulkStatement, tuple[Any, ...]]]
 
 
 def _prepare_chunk(
-    p: Pipeline, batch: Mapping[str, Any], outcomes: list[Outcome], now: datetime, report: CollectReport
+    p: Pipeline,
+    batch: Mapping[str, Any],
+    outcomes: list[Outcome],
+    now: datetime,
+    report: CollectReport,
+    *,
+    cancelled_early: bool = False,
 ) -> _Writes:
-    """Sort a chunk's outcomes into what each statement settles, price the successes, and bind the statements."""
+    """Sort a chunk's outcomes into what each statement settles, price the successes, and bind the statements.
+
+    With ``cancelled_early`` (the batch has jobs cancelled while it was being sent), a success of such a job is
+    recorded in the ledger all the same: the provider billed it. The job stays cancelled.
+    """
     batch_id = batch["id"]
     cancelled_batch = batch["state"] == BatchState.CANCELLED.value
     succeeded: list[tuple[str, str | None, dict[str, Any] | None]] = []
@@ -282,7 +304,8 @@ def _prepare_chunk(
         code = "expired" if expired else (o.error_code or "error")
         error = {"code": code, "message": o.error_message, "status_code": o.status_code, "batch_id": batch_id}
         (retry if o.retryable or expired else failed).append((o.custom_id, code[:64], error))
-    entries = _priced_entries(p, batch, succeeded)
+    billed = _priced_entries(p, batch, succeeded)
+    entries = list(billed)
     # only successes are billed; a failure settled for good gets an entry of cost 0
     entries.extend(entry_row(job_id, None, ZERO_COST) for job_id, _, _ in failed)
     entries.extend(entry_row(job_id, None, ZERO_COST) for (job_id,) in cancelled)
@@ -299,6 +322,8 @@ def _prepare_chunk(
 
     # the ledger first, from the rows still ``submitted``: a job settled before writes nothing
     write(s.entries, entries, mode="batch")
+    if cancelled_early:
+        write(s.cancelled_entries, billed, mode="batch")
     write(s.used_up_entries, used_up, mode="batch", max_attempts=p.settings.max_attempts)
     write(s.succeeded, succeeded)
     write(s.failed, failed)

@@ -667,6 +667,42 @@ async def test_jobs_cancelled_during_create_stop_the_provider_batch(db: Database
     assert (await batch_row(db, batch_id))["state"] == "collected"
 
 
+async def test_jobs_cancelled_during_create_that_the_provider_ran_are_in_the_ledger(db: Database, db_url: str) -> None:
+    """Regression: a run cancelled while its batch was being created, in a batch shared with another run, was sent
+    and billed all the same, but its jobs had no ledger entry: spend was lost."""
+    fake = GatedCreate("fake", instant=False)
+    fake.gated = False
+    p, _ = make_pipeline(db, db_url, fake)
+    doomed = await enqueue(db, 2, run="doomed", model="gpt-4o-mini")
+    [kept] = await enqueue(db, 1, run="kept", model="gpt-4o-mini")
+    t = utcnow()
+    [batch_id] = await p.pack(t, force=True)
+
+    async def cancel_meanwhile() -> None:
+        report = await p.cancel_run("doomed", t)
+        assert report.jobs_cancelled == 2
+
+    fake.before_create = cancel_meanwhile
+    await p.submit(batch_id, t)
+    # the file was written before the cancel: the provider runs all three
+    assert set(fake.received) == {*doomed, kept}
+    fake.advance()
+    await drive(p, t)
+    rows = await job_rows(db)
+    assert [rows[j]["state"] for j in doomed] == ["cancelled", "cancelled"] and rows[kept]["state"] == "succeeded"
+    async with db.engine.connect() as conn:
+        entries = {r["job_id"]: r for r in (await conn.execute(sa.select(ledger))).mappings()}
+    assert set(entries) == {*doomed, kept}
+    for job_id in doomed:
+        # billed like the job that ran on, under the attempt that never counted
+        assert entries[job_id]["actual_usd"] == entries[kept]["actual_usd"] > 0
+        assert entries[job_id]["attempt"] == rows[job_id]["attempts"] + 1 == 1
+    # collecting again records nothing twice
+    await p.collect(batch_id, t)
+    async with db.engine.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(ledger)) == 3
+
+
 async def test_submit_refused_fails_the_jobs_after_max_attempts(db: Database, db_url: str) -> None:
     """Regression: a batch the provider refuses (non-retryable) requeued its never-sent jobs without counting
     the attempt, so they were packed and refused again forever."""
