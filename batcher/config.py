@@ -22,14 +22,15 @@ class AccountSettings(BaseModel):
     """One configured provider account, e.g. ``BATCHER_PROVIDERS__groq__KIND=openai``.
 
     Attributes:
-        kind: which batch API it speaks (``openai`` for every OpenAI-compatible host).
+        kind: which batch API it speaks (``openai`` for every host with OpenAI's ``/files`` + ``/batches`` API).
         base_url: the API root (``…/v1`` for OpenAI-compatible hosts).
         api_key: its key (never logged).
         discount: fraction off the real-time price for a batch, when a model has no published batch price.
         max_requests: requests per batch (the provider's cap).
         max_bytes: bytes per batch input.
         completion_window: the window asked for at create (OpenAI-compatible; Groq takes 24h to 7d).
-        line_format: ``openai`` lines carry method and url; ``mistral`` lines are ``{custom_id, body}`` only.
+        line_format: ``openai`` lines carry method and url; ``body_only`` lines are ``{custom_id, body}`` only
+            (Together).
         price_provider: the provider whose price list applies (``groq``, ``together``, ``mistral``, ``azure``…);
             default: the account's name if genai-prices knows it, else its kind.
         expected_turnaround_s: how long a batch usually takes there (deadline planning).
@@ -42,7 +43,7 @@ class AccountSettings(BaseModel):
     max_requests: int | None = Field(default=None, gt=0)
     max_bytes: int | None = Field(default=None, gt=0)
     completion_window: str = "24h"
-    line_format: Literal["openai", "mistral"] = "openai"
+    line_format: Literal["openai", "body_only"] = "openai"
     price_provider: str | None = None
     expected_turnaround_s: float | None = Field(default=None, gt=0)
 

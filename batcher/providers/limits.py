@@ -10,7 +10,9 @@ import re
 from batcher.domain import Provider
 from batcher.providers.base import Limits
 
-MB = 1024 * 1024
+#: a provider's "MB", read as the smaller of its two meanings (10^6 bytes, not 2^20): a batch cut to it is under
+#: the cap either way, and a refusal for size would only be packed and refused again
+MB = 1_000_000
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 MODERATIONS_ENDPOINT = "/v1/moderations"

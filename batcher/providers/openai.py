@@ -246,7 +246,8 @@ class OpenAIAdapter(SdkAdapter[AsyncOpenAI, openai.APIStatusError]):
         http_client: the ``httpx2.AsyncClient`` to use instead of ``DefaultAioHttpClient()`` (tests pass one
             with an ``httpx2.MockTransport``); the adapter closes it in :meth:`aclose`.
         completion_window: asked for at create; OpenAI takes only ``24h``, Groq up to ``7d``.
-        line_format: ``openai`` (``custom_id, method, url, body``) or ``mistral`` (``custom_id, body``).
+        line_format: ``openai`` (``custom_id, method, url, body``) or ``body_only`` (``custom_id, body``, as Together
+            takes).
 
     Attributes:
         malformed_lines: result lines skipped because they could not be read (see :func:`parse_result_line`).
@@ -278,7 +279,7 @@ class OpenAIAdapter(SdkAdapter[AsyncOpenAI, openai.APIStatusError]):
             http_client=http_client,
         )
         self.completion_window = completion_window
-        # OpenAI-compatible hosts that take ``{custom_id, body}`` lines (Mistral, Together) drop method/url
+        # hosts that take ``{custom_id, body}`` lines (Together) drop method/url
         self._with_method_url = line_format == "openai"
 
     def encode_line(self, custom_id: str, endpoint: str, body_json: str) -> bytes:

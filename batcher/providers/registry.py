@@ -2,7 +2,8 @@
 
 Two accounts always exist: ``openai`` (``OPENAI_API_KEY`` / ``OPENAI_BASE_URL``) and ``anthropic``
 (``ANTHROPIC_API_KEY`` / ``ANTHROPIC_BASE_URL``). More come from ``BATCHER_PROVIDERS__<name>__…``: any
-OpenAI-compatible host (Azure OpenAI, Groq, Together, Mistral, vLLM) or a second key of either provider.
+host with OpenAI's ``/files`` + ``/batches`` API (Azure OpenAI's v1 API, Groq, Together) or a second key of either
+provider. (Mistral's batch API, ``/v1/batch/jobs``, is a different one, not supported yet.)
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ import openai
 import orjson
 import pytest
 from openai.types import Batch
+from pydantic import ValidationError
 
+from batcher.config import AccountSettings
 from batcher.domain import BatchState, Provider
 from batcher.errors import ProviderError
 from batcher.providers.base import BatchStatus, OutcomeKind, RequestCounts
@@ -60,7 +62,7 @@ def test_defaults() -> None:
     assert adapter.kind is Provider.OPENAI
     assert adapter.limits is OPENAI_LIMITS
     assert OPENAI_LIMITS.max_requests == 50_000
-    assert OPENAI_LIMITS.max_bytes == 200 * 1024 * 1024
+    assert OPENAI_LIMITS.max_bytes == 200_000_000  # "200 MB" read as the smaller 10^6-byte MB
     assert OPENAI_LIMITS.one_model_per_batch
     assert OPENAI_LIMITS.custom_id_pattern is None
     assert OPENAI_LIMITS.endpoints == {
@@ -98,6 +100,18 @@ def test_encode_line_splices_body_byte_for_byte(body_json: str) -> None:
 def test_encode_line_escapes_custom_id() -> None:
     line = adapter_for().encode_line('we"ird\\id', "/v1/embeddings", '{"input":"x"}')
     assert json.loads(line)["custom_id"] == 'we"ird\\id'
+
+
+def test_body_only_line_format_drops_method_and_url() -> None:
+    adapter = OpenAIAdapter("together", api_key="k", base_url="http://x/v1", line_format="body_only")
+    line = adapter.encode_line("c1", "/v1/chat/completions", '{"model":"m"}')
+    assert json.loads(line) == {"custom_id": "c1", "body": {"model": "m"}}
+
+
+def test_the_line_format_setting_names_body_only_not_a_provider() -> None:
+    assert AccountSettings(line_format="body_only").line_format == "body_only"
+    with pytest.raises(ValidationError):
+        AccountSettings(line_format="mistral")  # Mistral's batch API is another one; not supported
 
 
 # -- status mapping --------------------------------------------------------------------------------------------
