@@ -19,8 +19,9 @@ from arq import ArqRedis
 from batcher.config import Settings
 from batcher.db import migrate
 from batcher.db.engine import Database
+from batcher.errors import ConfigError
 from batcher.lifecycle import Pipeline
-from batcher.providers.registry import build_adapters, close_adapters
+from batcher.providers.registry import accounts, build_adapters, close_adapters, keyless_accounts
 from batcher.recovery import WorkerLock
 from batcher.timeutil import utcnow
 
@@ -38,10 +39,17 @@ async def startup(ctx: Ctx) -> None:
     On SQLite, take the one-worker lock first.
 
     Raises:
-        ConfigError: another worker already runs on this SQLite database.
+        ConfigError: another worker already runs on this SQLite database; no provider account has an API key.
     """
     given: Pipeline | None = ctx.get("pipeline")
     settings: Settings = ctx.get("settings") or (given.settings if given is not None else Settings())
+    keyless = {} if given is not None else keyless_accounts(settings)
+    if keyless and len(keyless) == len(accounts(settings)):
+        raise ConfigError(
+            "no provider account has an API key: set "
+            + " or ".join(sorted(set(keyless.values())))
+            + " (any value works against the emulator)"
+        )
     lock = WorkerLock(given.db.url if given is not None else settings.database_url)
     lock.acquire()
     ctx["worker_lock"] = lock
@@ -54,7 +62,11 @@ async def startup(ctx: Ctx) -> None:
         await db.aclose()
         lock.release()
         raise
-    adapters = build_adapters(settings)
+    # an account without a key would fail every batch (and use up its jobs' attempts): its jobs stay queued
+    # for a worker that has one
+    for name, variable in sorted(keyless.items()):
+        logger.warning("account %s has no API key (%s): this worker leaves its jobs queued", name, variable)
+    adapters = {name: adapter for name, adapter in build_adapters(settings).items() if name not in keyless}
     ctx["pipeline"] = Pipeline(db, settings, adapters)
     ctx["owns_pipeline"] = True
 

@@ -8,6 +8,7 @@ provider. (Mistral's batch API, ``/v1/batch/jobs``, is a different one, not supp
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from decimal import Decimal
 
@@ -94,6 +95,26 @@ def build_adapter(name: str, account: AccountSettings) -> ProviderAdapter:
 def build_adapters(settings: Settings) -> dict[str, ProviderAdapter]:
     """One adapter per account, by account name. Clients are created lazily, on first use."""
     return {name: build_adapter(name, account) for name, account in accounts(settings).items()}
+
+
+#: where each SDK looks for a key when none is configured
+KEY_VARIABLES = {Provider.OPENAI: "OPENAI_API_KEY", Provider.ANTHROPIC: "ANTHROPIC_API_KEY"}
+
+
+def has_api_key(account: AccountSettings) -> bool:
+    """Whether the account has a key: its own, or the one its SDK reads from the environment."""
+    if account.api_key is not None:
+        return bool(account.api_key.get_secret_value())
+    return bool(os.environ.get(KEY_VARIABLES[account.kind]))
+
+
+def keyless_accounts(settings: Settings) -> dict[str, str]:
+    """The accounts without an API key, each with where its key would come from."""
+    return {
+        name: KEY_VARIABLES[account.kind] if name in ("openai", "anthropic") else f"BATCHER_PROVIDERS__{name}__API_KEY"
+        for name, account in accounts(settings).items()
+        if not has_api_key(account)
+    }
 
 
 async def close_adapters(adapters: dict[str, ProviderAdapter]) -> None:

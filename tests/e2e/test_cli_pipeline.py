@@ -162,6 +162,25 @@ def test_submit_worker_status_batches_export(db_url: str, tmp_path: Path, emulat
     assert first["id"] in cli("batches").stdout
 
 
+def test_a_worker_serves_only_accounts_with_a_key(db_url: str, tmp_path: Path, emulator: str) -> None:
+    """Regression: a worker without OPENAI_API_KEY failed every OpenAI job at submit (attempts used up) and a
+    burst run never ended."""
+    base = {"BATCHER_DATABASE_URL": db_url, "OPENAI_BASE_URL": emulator, "BATCHER_POLL_MIN_S": "0.1"}
+    cli = Cli(clean_env(**base), tmp_path)
+    cli("submit", write_requests(tmp_path / "in.jsonl", 5), "--provider", "openai", "--run", "keys")
+    refused = cli("worker", "--burst", code=1)
+    assert "error: no provider account has an API key: set ANTHROPIC_API_KEY or OPENAI_API_KEY" in refused.stderr
+    # the Anthropic account has a key, the OpenAI one has none: its jobs wait, untouched, and the burst ends
+    cli.env["ANTHROPIC_API_KEY"] = "e2e-key"
+    served = cli("worker", "--burst", timeout_s=60)
+    assert "account openai has no API key (OPENAI_API_KEY): this worker leaves its jobs queued" in served.stderr
+    jobs = cli.json("jobs", "--run", "keys")
+    assert {(j["state"], j["attempts"]) for j in jobs} == {("queued", 0)}
+    cli.env["OPENAI_API_KEY"] = "e2e-key"
+    cli("worker", "--burst", timeout_s=60)
+    assert {j["state"] for j in cli.json("jobs", "--run", "keys")} == {"succeeded"}
+
+
 def test_demo(tmp_path: Path) -> None:
     cli = Cli(clean_env(BATCHER_EMULATOR_DATA_DIR=str(tmp_path / "emu")), tmp_path)
     summary = cli.json("demo", "--jobs", "200", "--latency", "0.5")
