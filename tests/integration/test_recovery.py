@@ -26,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from emulated_env import Env, Interrupting, WorkerDied, emulated
+from pydantic import SecretStr
 
 from batcher import lifecycle
 from batcher.config import Settings
@@ -437,7 +438,7 @@ async def _all_settled(env: Env) -> bool:
 
 
 async def test_second_worker_on_sqlite_is_refused(sqlite_url: str, redis_url: str) -> None:
-    settings = Settings(database_url=sqlite_url, redis_url=redis_url, tick_s=1)
+    settings = Settings(database_url=sqlite_url, redis_url=redis_url, tick_s=1, openai_api_key=SecretStr("k"))
     first = asyncio.create_task(run_worker(settings))
     try:
         lock = WorkerLock(sqlite_url)
@@ -461,7 +462,12 @@ async def test_a_burst_run_is_not_held_up_by_tasks_scheduled_for_later(sqlite_ur
     pool = await create_pool(RedisSettings.from_dsn(redis_url))
     try:
         assert await pool.enqueue_job("tick", _job_id="later", _defer_by=3600) is not None
-        await asyncio.wait_for(run_worker(Settings(database_url=sqlite_url, redis_url=redis_url), burst=True), 30)
+        await asyncio.wait_for(
+            run_worker(
+                Settings(database_url=sqlite_url, redis_url=redis_url, openai_api_key=SecretStr("k")), burst=True
+            ),
+            30,
+        )
         assert await pool.zcard(pool.default_queue_name) == 1  # left for the worker it belongs to
     finally:
         await pool.aclose()
