@@ -424,6 +424,8 @@ async def _requeue_token_limited(p: Pipeline, batch: Mapping[str, Any], now: dat
             )
         )
         size = int(await conn.scalar(sa.select(sa.func.count()).where(in_batch)) or 0)
+        if size == 0:
+            return  # settled by a collect that stopped before marking the batch collected
         alone = not others
         if alone and size == 1:
             message = next((e.get("message") for e in batch["errors"] or [] if e.get("code") == TOKEN_LIMIT), None)
@@ -441,7 +443,7 @@ async def _requeue_token_limited(p: Pipeline, batch: Mapping[str, Any], now: dat
             )
             report.failed += result.rowcount
             logger.warning(
-                "batch %s: its one job is over the token limit of %s/%s on its own: failed", *(batch_id, account, model)
+                "batch %s: its one job alone is over the token limit of %s/%s: failed", batch_id, account, model
             )
             return
         result = await conn.execute(
