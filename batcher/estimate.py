@@ -4,7 +4,8 @@ Input tokens of OpenAI requests are counted with OpenAI's own BPE vocabularies (
 tiktoken-compatible tokenizer that ships them; tiktoken itself downloads them at run time), plus the
 chat format's per-message overhead. Other providers' input is approximated as one token per four
 characters of text. Output is bounded by the request's ``max_tokens`` / ``max_completion_tokens`` /
-``max_output_tokens``; a request with no bound is counted at :data:`DEFAULT_OUTPUT_TOKENS`. Embeddings and
+``max_output_tokens`` (the largest, if it gives several), times the completions it asks for (``n``,
+``best_of``); a request with no bound is counted at :data:`DEFAULT_OUTPUT_TOKENS`. Embeddings and
 moderations produce no output tokens. The estimate is therefore an upper bound on output and close on input.
 """
 
@@ -17,13 +18,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
 from batcher.domain import Provider
-from batcher.errors import InvalidFile, InvalidInput
-from batcher.intake import MAX_LISTED_ERRORS, parse_line
+from batcher.intake import OPENAI_TOKEN_FIELDS, CheckedLines, open_batch_file
 from batcher.packer import split
 from batcher.pricing import PriceBook, TokenUsage
 from batcher.providers.base import Limits
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: output tokens assumed for a request that sets no output bound
 DEFAULT_OUTPUT_TOKENS = 256
+#: the request fields that bound its output (Anthropic's is ``max_tokens``); intake has checked that each one
+#: given is an integer from 1 to :data:`batcher.intake.MAX_OUTPUT_TOKENS`
+OUTPUT_BOUNDS = OPENAI_TOKEN_FIELDS
 #: tokens the chat format adds per message and per reply (OpenAI's published rule of thumb)
 PER_MESSAGE_TOKENS = 3
 PER_REPLY_TOKENS = 3
@@ -88,15 +91,21 @@ def count_input_tokens(provider: Provider, endpoint: str, body: Mapping[str, Any
     return 0
 
 
+def _count(value: Any) -> int | None:
+    """A whole number of tokens or choices as intake takes them (an integer, not a bool), else ``None``."""
+    return value if type(value) is int else None
+
+
 def max_output_tokens(endpoint: str, body: Mapping[str, Any]) -> int:
-    """The most output tokens a request can produce (its bound, or the documented default)."""
+    """The most output tokens a request can produce: its bound (the largest, where it gives several), or the
+    documented default, times the completions it asks for (``n``; ``best_of`` on ``/v1/completions``, which
+    are all generated and billed)."""
     if endpoint in ("/v1/embeddings", "/v1/moderations"):
         return 0
-    for key in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return DEFAULT_OUTPUT_TOKENS
+    bounds = [n for key in OUTPUT_BOUNDS if (n := _count(body.get(key))) is not None and n >= 1]
+    bound = max(bounds) if bounds else DEFAULT_OUTPUT_TOKENS
+    choices = max((n for key in ("n", "best_of") if (n := _count(body.get(key))) is not None), default=1)
+    return bound * max(choices, 1)
 
 
 @dataclass
@@ -129,6 +138,8 @@ class Estimate:
     """What a file would make: jobs, batches, tokens and cost at batch and real-time prices."""
 
     groups: list[ModelEstimate]
+    #: invalid lines skipped (written to the rejects file)
+    rejected: int = 0
 
     @property
     def jobs(self) -> int:
@@ -153,6 +164,7 @@ class Estimate:
             "batch_usd": str(batch),
             "realtime_usd": str(realtime),
             "saved_usd": str(realtime - batch),
+            "rejected": self.rejected,
             "unpriced_models": self.unpriced_models,
             "groups": [g.to_json() for g in self.groups],
         }
@@ -165,32 +177,29 @@ def estimate_file(
     *,
     limits: Limits | None = None,
     price_provider: str | None = None,
+    rejects_path: Path | None = None,
 ) -> Estimate:
     """Read a batch file as intake would (same checks, same errors) and estimate it; stores nothing.
 
+    Args:
+        rejects_path: as intake's skip-invalid: estimate the valid lines and write each invalid one, with its
+            reason, to this JSONL file (``Estimate.rejected`` counts them).
+
     Raises:
-        InvalidFile: invalid lines, each named.
+        InvalidFile: invalid lines, each named (without ``rejects_path``).
+        InvalidInput: the file cannot be read.
     """
     limits = limits or DEFAULT_LIMITS[provider]
     groups: dict[tuple[str, str], ModelEstimate] = {}
-    errors: list[InvalidInput] = []
-    error_count = 0
+    rejects: IO[bytes] | None = None
+    fh = open_batch_file(path)
     try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                parsed = parse_line(raw, provider, limits, lineno)
-            except InvalidInput as exc:
-                error_count += 1
-                if len(errors) < MAX_LISTED_ERRORS:
-                    errors.append(exc)
-                continue
+        if rejects_path is not None:
+            rejects = rejects_path.open("wb")
+        lines = CheckedLines(fh, provider, limits, rejects=rejects)
+        for parsed in lines:
+            if lines.errors:
+                continue  # refused already: keep reading only to list the problems
             body = orjson.loads(parsed.body_json)
             group = groups.setdefault((parsed.endpoint, parsed.model), ModelEstimate(parsed.endpoint, parsed.model))
             usage = TokenUsage(
@@ -201,8 +210,13 @@ def estimate_file(
             group.input_tokens += usage.input_tokens
             group.output_tokens += usage.output_tokens
             group.sizes.append((parsed.custom_id, parsed.body_bytes, parsed.inputs))
-    if errors:
-        raise InvalidFile(str(path), errors, error_count)
+    finally:
+        fh.close()
+        if rejects is not None:
+            rejects.close()
+    refusal = lines.refusal(path)
+    if refusal is not None:
+        raise refusal
     for group in groups.values():
         group.batches = len(split(group.sizes, limits, keep_partial=True))
         group.sizes = []
@@ -213,4 +227,4 @@ def estimate_file(
             mode="batch",
         )
         group.batch_usd, group.realtime_usd = cost.actual_usd, cost.realtime_usd
-    return Estimate(sorted(groups.values(), key=lambda g: (g.endpoint, g.model)))
+    return Estimate(sorted(groups.values(), key=lambda g: (g.endpoint, g.model)), rejected=lines.error_count)

@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 MAX_LISTED_ERRORS = 20
 #: the jobs.custom_id column's width
 MAX_CUSTOM_ID = 255
+#: the most output tokens a request may ask for: far above any model's limit, but a bound the provider, the
+#: estimate and the database's integers all take (a bigger value is a mistake, refused at intake)
+MAX_OUTPUT_TOKENS = 2**31 - 1
+#: OpenAI's output bounds: ``max_tokens`` (chat, completions), ``max_completion_tokens`` (chat),
+#: ``max_output_tokens`` (responses); each is checked wherever it is given
+OPENAI_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 _OPENAI_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 _ANTHROPIC_FIELDS = frozenset({"custom_id", "params"})
@@ -112,13 +118,45 @@ def _check_custom_id(value: Any, limits: Limits) -> str:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A wrong value as an error message quotes it (cut short)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "…"
+
+
 def _check_model(body: Any, where: str) -> str:
     if not isinstance(body, dict):
         raise InvalidInput(f"{where} must be a JSON object", field=where)
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if isinstance(model, str) and model:
+        return model
+    if model is None or model == "":
         raise InvalidInput(f"{where}.model is missing: every request needs a model", field=f"{where}.model")
-    return model
+    raise InvalidInput(f"{where}.model must be a string (the model name), not {_shown(model)}", field=f"{where}.model")
+
+
+def _bad_tokens(value: Any, field: str) -> InvalidInput:
+    return InvalidInput(f"{field} must be an integer from 1 to {MAX_OUTPUT_TOKENS:,}, not {_shown(value)}", field=field)
+
+
+def _other_shape(obj: Any, provider: Provider) -> InvalidInput | None:
+    """The error for a file line in the other provider's format (``None``: it is not clearly one).
+
+    Only asked once a check has failed, so valid lines never pay for it; it replaces that first failure.
+    """
+    if not isinstance(obj, dict):
+        return None
+    if provider is Provider.OPENAI and "params" in obj and "body" not in obj and "url" not in obj:
+        return InvalidInput(
+            "this is an Anthropic line (custom_id, params); use --provider anthropic",
+            field="provider",
+        )
+    if provider is Provider.ANTHROPIC and "params" not in obj and ("body" in obj or "url" in obj):
+        return InvalidInput(
+            "this is an OpenAI line (custom_id, method, url, body); use --provider openai",
+            field="provider",
+        )
+    return None
 
 
 def embedding_inputs(body: dict[str, Any]) -> int:
@@ -148,12 +186,16 @@ def parse_openai_request(obj: Any, limits: Limits) -> ParsedLine:
         raise InvalidInput(f"url {url!r} is not a supported batch endpoint (use one of {allowed})", field="url")
     body = obj.get("body")
     model = _check_model(body, "body")
+    assert isinstance(body, dict)
+    for name in OPENAI_TOKEN_FIELDS:
+        value = body.get(name)
+        if value is not None and (type(value) is not int or not 1 <= value <= MAX_OUTPUT_TOKENS):
+            raise _bad_tokens(value, f"body.{name}")
     if not _OPENAI_FIELDS.issuperset(obj):
         extra = set(obj) - _OPENAI_FIELDS
         raise InvalidInput(f"unexpected field(s) {', '.join(sorted(extra))}", field=sorted(extra)[0])
     inputs = 1
     if url == EMBEDDINGS_ENDPOINT:
-        assert isinstance(body, dict)
         inputs = embedding_inputs(body)
         if limits.max_inputs is not None and inputs > limits.max_inputs:
             raise InvalidInput(
@@ -176,8 +218,14 @@ def parse_anthropic_request(obj: Any, limits: Limits) -> ParsedLine:
     model = _check_model(params, "params")
     assert isinstance(params, dict)
     max_tokens = params.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise InvalidInput("params.max_tokens must be an integer >= 1", field="params.max_tokens")
+    if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_OUTPUT_TOKENS:
+        if max_tokens is None:
+            raise InvalidInput(
+                f"params.max_tokens is missing: Anthropic requests need one (an integer from 1 to "
+                f"{MAX_OUTPUT_TOKENS:,})",
+                field="params.max_tokens",
+            )
+        raise _bad_tokens(max_tokens, "params.max_tokens")
     if not isinstance(params.get("messages"), list):
         raise InvalidInput("params.messages must be a list", field="params.messages")
     if params.get("stream"):
@@ -194,6 +242,19 @@ PARSERS: dict[Provider, Callable[[Any, Limits], ParsedLine]] = {
 }
 
 
+def _json_problem(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why a line is not JSON: text that is not UTF-8 (orjson's own words for it point nowhere), or the parser's
+    message."""
+    try:
+        raw.decode()
+    except UnicodeDecodeError as bad:
+        return (
+            f"not UTF-8 text (byte 0x{raw[bad.start]:02x} at position {bad.start} of the line): "
+            "batch files must be UTF-8"
+        )
+    return f"invalid JSON ({exc})"
+
+
 def parse_line(raw: bytes, provider: Provider, limits: Limits, lineno: int | None = None) -> ParsedLine:
     """Parse and check one line of a provider batch file.
 
@@ -207,11 +268,12 @@ def parse_line(raw: bytes, provider: Provider, limits: Limits, lineno: int | Non
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"invalid JSON ({exc})", line=lineno) from exc
+        raise InvalidInput(_json_problem(raw, exc), line=lineno) from exc
     try:
         return PARSERS[provider](obj, limits)
     except InvalidInput as exc:
-        raise InvalidInput(exc.reason, line=lineno, field=exc.field) from None
+        problem = _other_shape(obj, provider) or exc
+        raise InvalidInput(problem.reason, line=lineno, field=problem.field) from None
 
 
 class RowBuilder:
@@ -379,11 +441,85 @@ async def _count_run(conn: Any, run: str) -> int:
     return int(value or 0)
 
 
-def _iter_lines(fh: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    for lineno, raw in enumerate(fh, start=1):
-        stripped = raw.strip()
-        if stripped:
-            yield lineno, stripped
+def open_batch_file(path: Path) -> IO[bytes]:
+    """``path`` opened for :class:`CheckedLines`.
+
+    Raises:
+        InvalidInput: it cannot be read.
+    """
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
+
+
+class CheckedLines:
+    """The lines of a batch file, each checked as intake checks it: :func:`parse_line`, then a custom_id already
+    seen on an earlier line is refused. ``batcher submit`` and its ``--dry-run`` both read a file through this,
+    so the dry run refuses exactly what the submit would.
+
+    Iterating yields the valid lines. Each invalid one is counted (``error_count``) and either written to
+    ``rejects`` (one JSON object per line: ``line``, ``error``, ``input``) or, without it, listed in ``errors``
+    (the first :data:`MAX_LISTED_ERRORS`); :meth:`refusal` is then the file's :class:`InvalidFile`.
+
+    Args:
+        fh: the file, opened binary.
+        provider: which format the lines are in.
+        limits: the provider's limits.
+        rejects: where invalid lines go (skip-invalid), or ``None`` (one invalid line refuses the file).
+        progress: called with the bytes of each line read.
+    """
+
+    def __init__(
+        self,
+        fh: IO[bytes],
+        provider: Provider,
+        limits: Limits,
+        *,
+        rejects: IO[bytes] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self._fh = fh
+        self._provider = provider
+        self._limits = limits
+        self._rejects = rejects
+        self._progress = progress
+        self.errors: list[InvalidInput] = []
+        self.error_count = 0
+
+    def __iter__(self) -> Iterator[ParsedLine]:
+        provider, limits, rejects, progress = self._provider, self._limits, self._rejects, self._progress
+        seen: dict[str, int] = {}
+        for lineno, line in enumerate(self._fh, start=1):
+            raw = line.strip()
+            if not raw:
+                continue
+            if progress is not None:
+                progress(len(raw) + 1)
+            try:
+                parsed = parse_line(raw, provider, limits, lineno)
+                first = seen.setdefault(parsed.custom_id, lineno)
+                if first != lineno:
+                    raise InvalidInput(
+                        f"duplicate custom_id {parsed.custom_id!r} (first on line {first})",
+                        line=lineno,
+                        field="custom_id",
+                    )
+            except InvalidInput as exc:
+                self.error_count += 1
+                if rejects is not None:
+                    rejects.write(
+                        orjson.dumps({"line": lineno, "error": exc.reason, "input": raw.decode(errors="replace")})
+                    )
+                    rejects.write(b"\n")
+                elif len(self.errors) < MAX_LISTED_ERRORS:
+                    self.errors.append(exc)
+                continue
+            yield parsed
+
+    def refusal(self, path: Path) -> InvalidFile | None:
+        """The file's refusal once read: its invalid lines, when they were not written to rejects."""
+        return InvalidFile(str(path), self.errors, self.error_count) if self.errors else None
 
 
 async def submit_file(
@@ -417,57 +553,31 @@ async def submit_file(
     limits = limits or DEFAULT_LIMITS[provider]
     builder = RowBuilder(provider, defaults, utcnow())
     result = IntakeResult(run=defaults.run)
-    errors: list[InvalidInput] = []
-    error_count = 0
-    seen: dict[str, int] = {}
     rejects: IO[bytes] | None = None
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
+    fh = open_batch_file(path)
     try:
         if rejects_path is not None:
             rejects = rejects_path.open("wb")
+        lines = CheckedLines(fh, provider, limits, rejects=rejects, progress=progress)
         async with db.engine.begin() as conn:
             before = await _count_run(conn, defaults.run)
             file_rows = FileRows(db, builder)
             chunk: list[ParsedLine] = []
-            for lineno, raw in _iter_lines(fh):
-                if progress is not None:
-                    progress(len(raw) + 1)
-                try:
-                    parsed = parse_line(raw, provider, limits, lineno)
-                    first = seen.setdefault(parsed.custom_id, lineno)
-                    if first != lineno:
-                        raise InvalidInput(
-                            f"duplicate custom_id {parsed.custom_id!r} (first on line {first})",
-                            line=lineno,
-                            field="custom_id",
-                        )
-                except InvalidInput as exc:
-                    error_count += 1
-                    if rejects is not None:
-                        rejects.write(
-                            orjson.dumps({"line": lineno, "error": exc.reason, "input": raw.decode(errors="replace")})
-                        )
-                        rejects.write(b"\n")
-                        continue
-                    if len(errors) < MAX_LISTED_ERRORS:
-                        errors.append(exc)
-                    continue
-                if errors:
+            for parsed in lines:
+                if lines.errors:
                     continue  # refused already: keep scanning only to list the problems
                 result.received += 1
                 chunk.append(parsed)
                 if len(chunk) >= chunk_size:
                     await file_rows.insert(conn, chunk)
                     chunk = []
-            if errors:
+            refusal = lines.refusal(path)
+            if refusal is not None:
                 # the transaction is rolled back: nothing of this file is stored
-                raise InvalidFile(str(path), errors, error_count)
+                raise refusal
             await file_rows.insert(conn, chunk)
             result.inserted = await _count_run(conn, defaults.run) - before
-        result.rejected = error_count
+        result.rejected = lines.error_count
     finally:
         fh.close()
         if rejects is not None:
@@ -600,7 +710,9 @@ async def enqueue(
             )
         key = (spec.run, spec.custom_id)
         if key in seen:
-            raise InvalidInput(f"duplicate custom_id {spec.custom_id!r} in run {spec.run!r}", line=position)
+            raise InvalidInput(
+                f"duplicate custom_id {spec.custom_id!r} in run {spec.run!r}", line=position, field="custom_id"
+            )
         seen.add(key)
         keys.append(key)
         callback_url = None if callback_urls is None else callback_urls[position - 1]

@@ -14,6 +14,8 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from batcher.errors import InvalidInput
+
 JSON = "application/json"
 #: problems listed in one answer
 MAX_LISTED = 50
@@ -93,6 +95,30 @@ def _message(error: Mapping[str, Any]) -> str:
     return msg
 
 
+#: the error type of a job in the other provider's shape (:class:`batcher.api.models.JobIn`): located at the job's
+#: ``provider``, whichever field gave it away
+PROVIDER_MISMATCH = "provider_mismatch"
+
+
+def _located(error: Mapping[str, Any]) -> tuple[list[int | str], str]:
+    """An error's location and message; a job in the other provider's shape is named at its ``provider``."""
+    loc = list(error["loc"])
+    if error["type"] == PROVIDER_MISMATCH:
+        return [*loc[:-1], "provider"], _message(error)
+    job = error.get("input")
+    if (
+        error["type"] == "missing"
+        and loc[-1:] == ["body"]
+        and isinstance(job, dict)
+        and "params" in job
+        and job.get("provider") == "openai"
+    ):
+        # an Anthropic batch line ({custom_id, params}) sent as an OpenAI job
+        message = 'this is an Anthropic request (params): set provider to "anthropic" and send its params as body'
+        return [*loc[:-1], "provider"], message
+    return loc, _message(error)
+
+
 def from_validation(
     exc: ValidationError, *, prefix: str = "", line: int | None = None, items: bool = False
 ) -> ApiError:
@@ -105,13 +131,13 @@ def from_validation(
         items: the model was a list of jobs: the first part of each location is the 0-based position.
     """
     found: list[dict[str, Any]] = []
-    for e in exc.errors(include_url=False, include_input=False)[:MAX_LISTED]:
-        loc = list(e["loc"])
+    for e in exc.errors(include_url=False)[:MAX_LISTED]:
+        loc, message = _located(e)
         where = line
         if items and loc and isinstance(loc[0], int):
             where = int(loc.pop(0)) + 1
         field = _dotted([prefix, *loc] if prefix else loc)
-        item: dict[str, Any] = {"field": field, "message": _message(e)}
+        item: dict[str, Any] = {"field": field, "message": message}
         if where is not None:
             item["line"] = where
         found.append(item)
@@ -128,3 +154,23 @@ def from_validation(
         line=first.get("line"),
         errors=found,
     )
+
+
+def from_intake(exc: InvalidInput, *, bulk: bool = False) -> ApiError:
+    """A job intake refused → 422 in the API's words.
+
+    Intake names an Anthropic request's fields ``params.…``; over HTTP they are the job's ``body.…``, in the field
+    and in the message. In a bulk request the message starts with the job's position (``job 2: …``), as a
+    validation error's does.
+    """
+    field, reason = exc.field, exc.reason
+    if field is not None and (field == "params" or field.startswith("params.")):
+        field = "body" + field[len("params") :]
+        if reason.startswith("params"):
+            reason = "body" + reason[len("params") :]
+    line = exc.line
+    item: dict[str, Any] = {"field": field, "message": reason}
+    if line is not None:
+        item["line"] = line
+    message = f"job {line}: {reason}" if bulk and line is not None else reason
+    return ApiError(422, "invalid_request", message, field=field, line=line, errors=[item])

@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from batcher.api.auth import tenant_of
 from batcher.api.enqueue import Answer, Submission, record_answer, stored_answer
-from batcher.api.errors import ApiError, from_validation, invalid, not_found
+from batcher.api.errors import ApiError, from_intake, from_validation, invalid, not_found
 from batcher.api.io import (
     answer_response,
     check_query,
@@ -34,6 +34,7 @@ from batcher.api.state import state_of
 from batcher.api.views import JOB_COLUMNS, jobs_json
 from batcher.db.tables import jobs
 from batcher.domain import JobState, Provider, new_id
+from batcher.errors import InvalidInput
 from batcher.tenants import Tenant, run_prefix
 from batcher.timeutil import utcnow
 
@@ -115,9 +116,12 @@ async def post_job(request: web.Request) -> web.StreamResponse:
     except ValidationError as exc:
         raise from_validation(exc) from None
     custom_id = job.custom_id or (idem.custom_id() if idem is not None else new_id())
-    answer = await state.enqueuer.submit(
-        Submission(tenant, [to_spec(job, tenant, custom_id)], [job.callback_url], idem)
-    )
+    try:
+        answer = await state.enqueuer.submit(
+            Submission(tenant, [to_spec(job, tenant, custom_id)], [job.callback_url], idem)
+        )
+    except InvalidInput as exc:
+        raise from_intake(exc) from None
     return answer_response(answer)
 
 
@@ -196,7 +200,10 @@ async def post_bulk(request: web.Request) -> web.StreamResponse:
             for i, job in enumerate(items, start=1)
         ]
         submission = Submission(tenant, specs, [job.callback_url for job in items], idem, bulk=True)
-        answer = await state.enqueuer.submit(submission)
+        try:
+            answer = await state.enqueuer.submit(submission)
+        except InvalidInput as exc:
+            raise from_intake(exc, bulk=True) from None
     return answer_response(answer)
 
 

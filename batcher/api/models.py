@@ -10,7 +10,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
+from batcher.api.errors import PROVIDER_MISMATCH
 from batcher.domain import JobState, Provider
 from batcher.providers.limits import ANTHROPIC_ENDPOINT, OPENAI_ENDPOINTS
 from batcher.webhooks import check_callback_url
@@ -67,6 +69,13 @@ class JobIn(_Strict):
         provider = info.data.get("provider")
         if value is None:
             return value
+        if provider is Provider.ANTHROPIC and value in OPENAI_ENDPOINTS:
+            # an OpenAI job sent as Anthropic: named at its provider (see batcher.api.errors.from_validation)
+            raise PydanticCustomError(
+                PROVIDER_MISMATCH,
+                'this is an OpenAI job (url {url}): set provider to "openai" (Anthropic jobs take no url)',
+                {"url": value},
+            )
         if provider is Provider.ANTHROPIC and value != ANTHROPIC_ENDPOINT:
             raise ValueError(f"Anthropic jobs take no url (their endpoint is {ANTHROPIC_ENDPOINT}); leave it out")
         if provider is Provider.OPENAI and value not in OPENAI_ENDPOINTS:

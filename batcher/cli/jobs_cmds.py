@@ -78,7 +78,7 @@ def submit(
     settings = load_settings()
     tags = parse_tags(tag)
     if dry_run:
-        _dry_run(settings, file, provider, account, json_out)
+        _dry_run(settings, file, provider, account, json_out, skip_invalid)
         return
     try:
         not_after = None if deadline is None else utcnow() + parse_duration(deadline)
@@ -132,7 +132,11 @@ def submit(
     )
 
 
-def _dry_run(settings: Settings, file: Path, provider: Provider, account: str | None, json_out: bool) -> None:
+def _dry_run(
+    settings: Settings, file: Path, provider: Provider, account: str | None, json_out: bool, rejects: Path | None
+) -> None:
+    """Estimate FILE as ``submit`` would read it (same checks, same errors; with ``--skip-invalid`` the good lines
+    are estimated and the rejects written, as the submit would)."""
     from batcher.estimate import estimate_file
     from batcher.pricing import PriceBook, load_overrides
     from batcher.providers import registry
@@ -158,6 +162,7 @@ def _dry_run(settings: Settings, file: Path, provider: Provider, account: str | 
                 prices,
                 limits=registry.account_limits(acct),
                 price_provider=registry.price_provider(name, acct),
+                rejects_path=rejects,
             )
 
     estimate = run(_go())
@@ -184,6 +189,7 @@ def _dry_run(settings: Settings, file: Path, provider: Provider, account: str | 
     console.print(
         f"estimated saving {usd(realtime - batch)}; output counted at each request's max_tokens (an upper bound)"
         + (f"; no price for {', '.join(estimate.unpriced_models)}" if estimate.unpriced_models else "")
+        + (f"; {estimate.rejected} invalid line(s) left out (see {rejects})" if estimate.rejected else "")
     )
 
 

@@ -195,3 +195,87 @@ def test_missing_file_is_a_clear_error(offline_cli: Cli, tmp_path: Path) -> None
     err = flat(offline_cli("submit", tmp_path / "nope.jsonl", "--provider", "openai", code=2).stderr)
     assert "nope.jsonl is not a file" in err
     assert not (tmp_path / "untouched.db").exists()
+
+
+def anthropic_line(i: int) -> bytes:
+    params = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    return orjson.dumps({"custom_id": f"req-{i}", "params": params})
+
+
+@pytest.mark.parametrize(
+    ("line", "provider", "words"),
+    [
+        (
+            anthropic_line(1),
+            "openai",
+            "line 1: this is an Anthropic line (custom_id, params); use --provider anthropic",
+        ),
+        (
+            openai_line(1),
+            "anthropic",
+            "line 1: this is an OpenAI line (custom_id, method, url, body); use --provider openai",
+        ),
+        (
+            openai_line(1).replace(b'"gpt-4o-mini"', b"42"),
+            "openai",
+            "line 1: body.model must be a string (the model name), not 42",
+        ),
+        (
+            openai_line(1).replace(b'"messages"', b'"max_tokens":"lots","messages"'),
+            "openai",
+            "line 1: body.max_tokens must be an integer from 1 to 2,147,483,647, not 'lots'",
+        ),
+        (
+            openai_line(1).replace(b'"messages"', b'"max_tokens":' + b"1" * 31 + b',"messages"'),
+            "openai",
+            "line 1: body.max_tokens must be an integer from 1 to 2,147,483,647, not 1.11",
+        ),
+        (
+            anthropic_line(1).replace(b'"max_tokens":10', b'"max_tokens":-5'),
+            "anthropic",
+            "line 1: params.max_tokens must be an integer from 1 to 2,147,483,647, not -5",
+        ),
+        (
+            openai_line(1).replace(b"question", b"caf\xe9"),
+            "openai",
+            f"line 1: not UTF-8 text (byte 0xe9 at position {openai_line(1).index(b'question') + 3} of the line): "
+            "batch files must be UTF-8",
+        ),
+    ],
+)
+def test_bad_lines_are_named_plainly(cli: Cli, tmp_path: Path, line: bytes, provider: str, words: str) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(line + b"\n")
+    for extra in ([], ["--dry-run"]):  # the dry run says exactly what the submit says
+        err = flat(cli("submit", path, "--provider", provider, *extra, code=1).stderr)
+        assert words in err, err
+    assert cli.totals() == {s: 0 for s in STATES}
+
+
+def test_dry_run_refuses_duplicates_like_submit(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join([openai_line(1), openai_line(2), openai_line(1), b"{oops"]) + b"\n")
+    refusals = []
+    for extra in (["--dry-run"], []):
+        err = flat(cli("submit", path, "--provider", "openai", *extra, code=1).stderr)
+        refusals.append(err[err.index("2 invalid line(s)") :])
+    assert refusals[0] == refusals[1]
+    assert "line 3: duplicate custom_id 'req-1' (first on line 1)" in refusals[0]
+    assert "line 4: invalid JSON" in refusals[0]
+    assert cli.totals() == {s: 0 for s in STATES}
+
+
+def test_dry_run_with_skip_invalid_estimates_the_good_lines_and_writes_the_rejects(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join([openai_line(1), openai_line(2), openai_line(1), openai_line(3)]) + b"\n")
+    dry_rejects, real_rejects = tmp_path / "dry.jsonl", tmp_path / "real.jsonl"
+    estimate = cli.json("submit", path, "--provider", "openai", "--dry-run", "--skip-invalid", dry_rejects)
+    assert (estimate["jobs"], estimate["rejected"]) == (3, 1)
+    assert cli.totals() == {s: 0 for s in STATES}
+    out = flat(cli("submit", path, "--provider", "openai", "--dry-run", "--skip-invalid", dry_rejects).stdout)
+    assert f"1 invalid line(s) left out (see {dry_rejects})" in out
+    stored = cli.json("submit", path, "--provider", "openai", "--skip-invalid", real_rejects)
+    assert (stored["inserted"], stored["rejected"]) == (3, 1)
+    assert dry_rejects.read_bytes() == real_rejects.read_bytes()
+    [reject] = map(orjson.loads, real_rejects.read_bytes().splitlines())
+    assert (reject["line"], reject["error"]) == (3, "duplicate custom_id 'req-1' (first on line 1)")

@@ -322,7 +322,7 @@ async def test_bulk_errors_name_the_line_and_field_and_store_nothing(env: ApiEnv
         (chat(0) | {"body": "hi"}, "body", "object"),
         (chat(0, colour="blue"), "colour", "unknown field"),
         (chat(0, url="/v1/images"), "url", "not an OpenAI batch endpoint"),
-        (claude(0, url="/v1/chat/completions"), "url", "take no url"),
+        (claude(0, url="/v1/messages/batches"), "url", "take no url"),
         (chat(0, run=""), "run", "at least 1"),
         (chat(0, run="a/b"), "run", "pattern"),
         (chat(0, priority=10**9), "priority", "less than or equal"),
@@ -334,6 +334,27 @@ async def test_bulk_errors_name_the_line_and_field_and_store_nothing(env: ApiEnv
         (chat(0) | {"body": {"messages": []}}, "body.model", "model"),
         (claude(0) | {"body": {"model": "claude-haiku-4-5", "messages": []}}, "body.max_tokens", "max_tokens"),
         (claude(0, custom_id="has space"), "custom_id", "rejected by the provider"),
+        (chat(0) | {"body": {"model": 42, "messages": []}}, "body.model", "body.model must be a string (the model"),
+        (chat(0) | {"body": {"model": "", "messages": []}}, "body.model", "body.model is missing"),
+        (claude(0) | {"body": {"model": 42, "max_tokens": 5, "messages": []}}, "body.model", "must be a string"),
+        (chat(0) | {"body": {"model": "m", "max_tokens": "lots"}}, "body.max_tokens", "must be an integer from 1"),
+        (chat(0) | {"body": {"model": "m", "max_completion_tokens": -5}}, "body.max_completion_tokens", "not -5"),
+        (
+            chat(0, url="/v1/responses") | {"body": {"model": "m", "max_output_tokens": 2**31}},
+            "body.max_output_tokens",
+            "2,147,483,647",
+        ),
+        (claude(0) | {"body": {"model": "m", "max_tokens": 2**31, "messages": []}}, "body.max_tokens", "2,147,483,647"),
+        (
+            claude(0, url="/v1/chat/completions"),
+            "provider",
+            'this is an OpenAI job (url /v1/chat/completions): set provider to "openai"',
+        ),
+        (
+            {"provider": "openai", "custom_id": "a", "params": claude(0)["body"]},
+            "provider",
+            'set provider to "anthropic"',
+        ),
     ],
 )
 async def test_bad_job_answers_422_naming_the_field(env: ApiEnv, job: dict[str, Any], field: str, words: str) -> None:
@@ -342,6 +363,46 @@ async def test_bad_job_answers_422_naming_the_field(env: ApiEnv, job: dict[str, 
     assert reply.error["type"] == "invalid_request"
     assert reply.error["field"] == field
     assert words.lower() in reply.error["message"].lower()
+    assert await env.count() == 0
+
+
+async def test_intake_errors_use_the_api_field_names(env: ApiEnv) -> None:
+    no_bound = claude(1)
+    del no_bound["body"]["max_tokens"]
+    reply = await env.post_job(no_bound)
+    assert reply.status == 422
+    message = "body.max_tokens is missing: Anthropic requests need one (an integer from 1 to 2,147,483,647)"
+    assert (reply.error["field"], reply.error["message"]) == ("body.max_tokens", message)
+    assert [e["message"] for e in reply.error["errors"]] == [message]
+    # every mention of params is the job's body over HTTP
+    stream = claude(1)
+    stream["body"]["stream"] = True
+    reply = await env.post_job(stream)
+    assert (reply.error["field"], reply.error["message"]) == ("body.stream", "body.stream is not allowed in a batch")
+    assert "params" not in reply.body.decode()
+
+
+async def test_bulk_intake_errors_name_the_job_in_arrays_and_json_lines_alike(env: ApiEnv) -> None:
+    bad = chat(1)
+    bad["body"]["max_tokens"] = 0
+    expected = "job 2: body.max_tokens must be an integer from 1 to 2,147,483,647, not 0"
+    for data in (orjson.dumps([chat(0), bad]), orjson.dumps(chat(0)) + b"\n" + orjson.dumps(bad)):
+        reply = await env.call("POST", "/v1/jobs/bulk", data=data)
+        assert reply.status == 422
+        assert (reply.error["message"], reply.error["field"], reply.error["line"]) == (expected, "body.max_tokens", 2)
+        assert reply.error["errors"] == [
+            {"field": "body.max_tokens", "message": expected.removeprefix("job 2: "), "line": 2}
+        ]
+    # validation errors read the same way
+    for data in (
+        orjson.dumps([chat(0), chat(1, colour=1)]),
+        orjson.dumps(chat(0)) + b"\n" + orjson.dumps(chat(1, colour=1)),
+    ):
+        reply = await env.call("POST", "/v1/jobs/bulk", data=data)
+        assert reply.error["message"].startswith("job 2: colour: unknown field")
+    dup = await env.call("POST", "/v1/jobs/bulk", json=[chat(0, custom_id="a"), chat(1, custom_id="a")])
+    assert dup.error["message"].startswith("job 2: duplicate custom_id 'a'")
+    assert dup.error["field"] == "custom_id"
     assert await env.count() == 0
 
 

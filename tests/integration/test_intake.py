@@ -159,3 +159,81 @@ async def test_wait_returns_when_settled(settings: Settings) -> None:
         job = await b.wait(job_id, timeout_s=5, poll_s=0.05)
         await task
         assert job.state == "cancelled"
+
+
+async def test_file_in_the_other_providers_format_is_named(settings: Settings, tmp_path: Path) -> None:
+    path = write_openai_file(tmp_path / "in.jsonl", 3)
+    async with Batcher(settings) as b:
+        with pytest.raises(InvalidFile) as info:
+            await b.submit_file(path, provider="anthropic", run="r")
+        assert info.value.total == 3
+        assert [str(e) for e in info.value.errors] == [
+            f"line {i}: this is an OpenAI line (custom_id, method, url, body); use --provider openai" for i in (1, 2, 3)
+        ]
+        assert (await b.status()).totals["queued"] == 0
+
+
+async def test_bad_output_bounds_are_refused_at_intake(settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    bodies = [
+        {"max_tokens": 16},
+        {"max_tokens": "lots"},
+        {"max_completion_tokens": -5},
+        {"model": 42},
+    ]
+    lines = [
+        orjson.dumps(
+            {
+                "custom_id": f"q{i}",
+                "url": "/v1/chat/completions",
+                "body": {"model": "gpt-4o-mini", "messages": []} | extra,
+            }
+        )
+        for i, extra in enumerate(bodies, start=1)
+    ]
+    # a 31-digit max_tokens, as a user's file may hold it (orjson writes no such integer)
+    lines.append(
+        b'{"custom_id": "q5", "url": "/v1/responses", "body": {"model": "m", "max_output_tokens": ' + b"9" * 31 + b"}}"
+    )
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rejects = tmp_path / "rejects.jsonl"
+    async with Batcher(settings) as b:
+        result = await b.submit_file(path, provider="openai", run="r", rejects_path=rejects)
+        assert (result.inserted, result.rejected) == (1, 4)
+    found = [(r["line"], r["error"]) for r in map(orjson.loads, rejects.read_bytes().splitlines())]
+    assert found == [
+        (2, "body.max_tokens must be an integer from 1 to 2,147,483,647, not 'lots'"),
+        (3, "body.max_completion_tokens must be an integer from 1 to 2,147,483,647, not -5"),
+        (4, "body.model must be a string (the model name), not 42"),
+        (5, "body.max_output_tokens must be an integer from 1 to 2,147,483,647, not 1e+31"),
+    ]
+
+
+async def test_enqueue_names_a_model_that_is_not_a_string(settings: Settings) -> None:
+    async with Batcher(settings) as b:
+        with pytest.raises(InvalidInput) as info:
+            await b.enqueue(provider="anthropic", body={"model": 7, "max_tokens": 5, "messages": []}, custom_id="x")
+        assert info.value.field == "params.model"
+        assert "params.model must be a string (the model name)" in str(info.value)
+        with pytest.raises(InvalidInput) as info:
+            await b.enqueue(
+                provider="anthropic", body={"model": "m", "max_tokens": 2**40, "messages": []}, custom_id="y"
+            )
+        assert info.value.field == "params.max_tokens"
+
+
+def test_dry_run_refuses_what_submit_refuses(tmp_path: Path) -> None:
+    from batcher.estimate import estimate_file
+    from batcher.pricing import PriceBook
+
+    path = write_openai_file(tmp_path / "in.jsonl", 6)
+    with path.open("ab") as fh:
+        fh.write(path.read_bytes().splitlines()[1] + b"\n")  # line 7 repeats req-2
+    with pytest.raises(InvalidFile) as info:
+        estimate_file(path, Provider.OPENAI, PriceBook())
+    assert [str(e) for e in info.value.errors] == ["line 7: duplicate custom_id 'req-2' (first on line 2)"]
+    rejects = tmp_path / "rejects.jsonl"
+    estimate = estimate_file(path, Provider.OPENAI, PriceBook(), rejects_path=rejects)
+    assert (estimate.jobs, estimate.rejected) == (6, 1)
+    [reject] = map(orjson.loads, rejects.read_bytes().splitlines())
+    assert (reject["line"], reject["error"]) == (7, "duplicate custom_id 'req-2' (first on line 2)")
