@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, Self
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batcher.config import Settings
 from batcher.db import migrate, queries
@@ -129,8 +130,14 @@ class Batcher:
     async def savings(
         self, *, run: str | None = None, since: datetime | None = None, by: str | None = None
     ) -> SavingsReport:
-        """Actual cost next to the real-time equivalent, in total and per group (see ``batcher savings``)."""
+        """Actual cost next to the real-time equivalent, in total and per group (see ``batcher savings``).
+
+        Raises:
+            NotFound: ``run`` is given and has no jobs.
+        """
         async with self.db.engine.connect() as conn:
+            if run is not None:
+                await _require_run(conn, run)
             return await ledger_savings(conn, run=run, since=since, by=by)
 
     async def get(self, job_id: str) -> queries.JobInfo:
@@ -158,11 +165,25 @@ class Batcher:
     async def jobs(
         self, *, run: str | None = None, state: JobState | None = None, batch_id: str | None = None, limit: int = 50
     ) -> list[queries.JobInfo]:
+        """Jobs, newest first. ``batch_id`` is our batch id or the provider's.
+
+        Raises:
+            NotFound: ``batch_id`` is given and names no batch.
+        """
         async with self.db.engine.connect() as conn:
+            if batch_id is not None and not await queries.resolve_batch_ids(conn, batch_id):
+                raise NotFound(f"no batch {batch_id}")
             return await queries.list_jobs(conn, run=run, state=state, batch_id=batch_id, limit=limit)
 
     async def status(self, *, run: str | None = None) -> queries.StatusReport:
+        """Job counts by state, overall and per run, and batch counts by state (of ``run``'s batches, if given).
+
+        Raises:
+            NotFound: ``run`` is given and has no jobs.
+        """
         async with self.db.engine.connect() as conn:
+            if run is not None:
+                await _require_run(conn, run)
             return await queries.status(conn, run=run)
 
     async def batches(
@@ -211,8 +232,7 @@ class Batcher:
             NotFound: the run has no jobs.
         """
         async with self.db.engine.connect() as conn:
-            if await conn.scalar(sa.select(jobs.c.id).where(jobs.c.run == run).limit(1)) is None:
-                raise NotFound(f"no run {run!r} (no jobs in it)")
+            await _require_run(conn, run)
         adapters = build_adapters(self.settings)
         try:
             return await Pipeline(self.db, self.settings, adapters).cancel_run(run, utcnow())
@@ -226,6 +246,12 @@ class Batcher:
             NotFound: the run has no jobs.
         """
         return await export_run(self.db, run, out, state=ExportState(state))
+
+
+async def _require_run(conn: AsyncConnection, run: str) -> None:
+    """Raise :class:`NotFound` unless ``run`` has at least one job."""
+    if await conn.scalar(sa.select(jobs.c.id).where(jobs.c.run == run).limit(1)) is None:
+        raise NotFound(f"no run {run!r} (no jobs in it)")
 
 
 def _spec(

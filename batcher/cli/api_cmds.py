@@ -10,10 +10,20 @@ from typing import Any, TypeVar
 
 import typer
 from pydantic import SecretStr
-from rich.table import Table
+from rich.markup import escape
 
 from batcher import tenants, webhooks
-from batcher.cli.app import app, console, err_console, load_settings, print_json, run, setup_logging
+from batcher.cli.app import (
+    Col,
+    app,
+    console,
+    err_console,
+    load_settings,
+    print_json,
+    print_table,
+    run,
+    setup_logging,
+)
 from batcher.config import Settings
 from batcher.db import migrate
 from batcher.db.engine import Database
@@ -117,19 +127,28 @@ def keys_list(
     if json_out:
         print_json([k.to_json() for k in found])
         return
-    table = Table()
-    for col in ("id", "tenant", "key starts", "admin", "created", "revoked"):
-        table.add_column(col)
-    for k in found:
-        table.add_row(
-            k.id,
-            k.tenant,
-            k.prefix + "…",
-            "yes" if k.admin else "",
-            k.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            "" if k.revoked_at is None else k.revoked_at.strftime("%Y-%m-%d %H:%M:%S"),
-        )
-    console.print(table)
+    cols = [
+        Col("id"),
+        Col("tenant", rank=1, cut=True),
+        Col("key starts"),
+        Col("admin", rank=3),
+        Col("created", rank=4),
+        Col("revoked", rank=2),
+    ]
+    print_table(
+        cols,
+        (
+            [
+                k.id,
+                escape(k.tenant),
+                k.prefix + "…",
+                "yes" if k.admin else "",
+                k.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                "" if k.revoked_at is None else k.revoked_at.strftime("%Y-%m-%d %H:%M:%S"),
+            ]
+            for k in found
+        ),
+    )
 
 
 @keys_app.command("revoke")
@@ -157,16 +176,18 @@ def tenants_list(json_out: bool = typer.Option(False, "--json", help="Print JSON
     if json_out:
         print_json([t.to_json() for t in found])
         return
-    table = Table()
-    for col in ("tenant", "max queued jobs", "monthly budget"):
-        table.add_column(col)
-    for t in found:
-        table.add_row(
-            t.name,
-            "" if t.max_queued_jobs is None else f"{t.max_queued_jobs:,}",
-            "" if t.monthly_budget_usd is None else f"${t.monthly_budget_usd:,.2f}",
-        )
-    console.print(table)
+    cols = [Col("tenant", cut=True), Col("max queued jobs", justify="right"), Col("monthly budget", justify="right")]
+    print_table(
+        cols,
+        (
+            [
+                escape(t.name),
+                "" if t.max_queued_jobs is None else f"{t.max_queued_jobs:,}",
+                "" if t.monthly_budget_usd is None else f"${t.monthly_budget_usd:,.2f}",
+            ]
+            for t in found
+        ),
+    )
 
 
 @tenants_app.command("set")
@@ -185,7 +206,9 @@ def tenants_set(
     if json_out:
         print_json(found.to_json())
         return
-    console.print(found.to_json())
+    queued = "no limit" if found.max_queued_jobs is None else f"{found.max_queued_jobs:,}"
+    budget = "none" if found.monthly_budget_usd is None else f"${found.monthly_budget_usd:,.2f}"
+    console.print(f"tenant {found.name}: max queued jobs {queued}, monthly budget {budget}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------ webhooks
@@ -207,23 +230,34 @@ def webhooks_list(
     if json_out:
         print_json(found)
         return
-    table = Table()
-    for col in ("id", "tenant", "event", "job / run", "state", "attempts", "last answer", "next attempt", "url"):
-        table.add_column(col)
+    cols = [
+        Col("id"),
+        Col("tenant", rank=3, cut=True),
+        Col("event", rank=2),
+        Col("job / run", rank=1),
+        Col("state"),
+        Col("attempts", rank=4, justify="right"),
+        Col("last answer", rank=5, cut=True),
+        Col("next attempt", rank=6),
+        Col("url", rank=7, cut=True),
+    ]
+    rows = []
     for d in found:
         answer = d["last_error"] or ("" if d["last_status"] is None else f"HTTP {d['last_status']}")
-        table.add_row(
-            d["id"],
-            d["tenant"],
-            d["event"],
-            d["job_id"] or d["run"] or "",
-            d["state"],
-            str(d["attempts"]),
-            answer[:60],
-            (d["next_attempt_at"] or "")[:19].replace("T", " "),
-            d["url"],
+        rows.append(
+            [
+                d["id"],
+                escape(d["tenant"]),
+                d["event"],
+                escape(d["job_id"] or d["run"] or ""),
+                d["state"],
+                str(d["attempts"]),
+                escape(answer[:60]),
+                (d["next_attempt_at"] or "")[:19].replace("T", " "),
+                escape(d["url"]),
+            ]
         )
-    console.print(table)
+    print_table(cols, rows)
 
 
 @webhooks_app.command("retry")
@@ -250,13 +284,19 @@ def api(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Serve the HTTP API for producers (run as many as you like against one database)."""
-    from batcher.api.app import run_api
+    from batcher.api.app import freeze_heap, serve_api
 
     setup_logging(verbose)
     settings = load_settings()
-    console.print(f"batcher API on http://{host}:{port} — make a key with: batcher keys create --tenant NAME")
+
+    async def _serve() -> None:
+        async with serve_api(settings, host, port) as url:
+            freeze_heap()
+            console.print(f"batcher API on {url} — make a key with: batcher keys create --tenant NAME")
+            await asyncio.Event().wait()
+
     with contextlib.suppress(KeyboardInterrupt):
-        run(run_api(settings, host, port))
+        run(_serve(), listen=(host, port))
 
 
 @contextlib.asynccontextmanager
@@ -287,7 +327,10 @@ async def serve_all(settings: Settings, host: str, port: int, *, emulator: bool,
     async with contextlib.AsyncExitStack() as stack:
         if emulator:
             settings = await stack.enter_async_context(_emulated(settings, emulator_latency_s))
-            console.print(f"provider emulator at {settings.openai_base_url}")
+            console.print(
+                f"provider emulator at {settings.openai_base_url}; queued jobs are packed after "
+                f"{settings.pack_max_wait_s:g} s (BATCHER_PACK_MAX_WAIT)"
+            )
         url = await stack.enter_async_context(serve_api(settings, host, port, migrate_db=False))
         freeze_heap()
         console.print(f"batcher API on {url} and a worker — make a key with: batcher keys create --tenant NAME")
@@ -295,16 +338,30 @@ async def serve_all(settings: Settings, host: str, port: int, *, emulator: bool,
         await run_worker(settings)
 
 
+#: ``batcher up --emulator``: seconds a queued job waits before it is packed, unless BATCHER_PACK_MAX_WAIT is set
+EMULATOR_PACK_MAX_WAIT_S = 3.0
+
+
 @app.command()
 def up(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface the API listens on."),
     port: int = typer.Option(8300, "--port", min=0, max=65535),
-    emulator: bool = typer.Option(False, "--emulator", help="Run against the bundled provider emulator."),
+    emulator: bool = typer.Option(
+        False,
+        "--emulator",
+        help="Run against the bundled provider emulator, to try batcher out: queued jobs are packed after "
+        f"{EMULATOR_PACK_MAX_WAIT_S:g} s instead of BATCHER_PACK_MAX_WAIT's default 300 s (unless it is set).",
+    ),
     emulator_latency: float = typer.Option(3.0, "--emulator-latency", min=0, help="Seconds an emulated batch takes."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """The API and a worker in one process, on embedded defaults (SQLite, embedded Redis unless configured)."""
     setup_logging(verbose)
     settings = load_settings()
+    if emulator and "pack_max_wait_s" not in settings.model_fields_set:
+        # a try-it mode: a posted job should not sit for five minutes before anything happens
+        settings = settings.model_copy(update={"pack_max_wait_s": EMULATOR_PACK_MAX_WAIT_S})
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        run(serve_all(settings, host, port, emulator=emulator, emulator_latency_s=emulator_latency))
+        run(
+            serve_all(settings, host, port, emulator=emulator, emulator_latency_s=emulator_latency), listen=(host, port)
+        )

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from batcher.cli.app import app, console, err_console, load_settings, print_json, run
+from batcher.cli.app import Col, app, console, err_console, load_settings, print_json, print_table, run
 from batcher.cli.jobs_cmds import span, when
+from batcher.cli.ledger_cmds import usd
 from batcher.db.queries import BatchDetail, BatchInfo
 from batcher.domain import BatchState, Provider
 from batcher.export import ExportReport, ExportState
@@ -24,7 +27,7 @@ from batcher.timeutil import parse_duration, utcnow
 def _cost(b: dict[str, Any]) -> str:
     if b["actual_usd"] is None:
         return ""
-    return f"${b['actual_usd']} (vs ${b['realtime_usd']})"
+    return f"{usd(Decimal(b['actual_usd']))} (vs {usd(Decimal(b['realtime_usd']))})"
 
 
 def _requests(r: dict[str, int]) -> str:
@@ -70,28 +73,37 @@ def batches(
     if json_out:
         print_json(rows)
         return
-    table = Table()
-    # ids are what people copy out of this table: never cut them
-    table.add_column("id", no_wrap=True, min_width=32)
-    for col in ("account", "provider id", "model", "state", "provider", "requests t/s/f/e/c"):
-        table.add_column(col, overflow="fold")
-    table.add_column("created")
-    table.add_column("turnaround", justify="right")
-    table.add_column("cost", justify="right")
-    for b in rows:
-        table.add_row(
-            b["id"],
-            b["account"],
-            b["provider_batch_id"] or "",
-            b["model"],
-            b["state"],
-            b["provider_state"] or "",
-            _requests(b["requests"]),
-            when(b["created_at"]),
-            _age(b),
-            _cost(b),
-        )
-    console.print(table)
+    # ids are what people copy out of this table: never cut (Col's default)
+    cols = [
+        Col("id"),
+        Col("account", rank=9, cut=True),
+        Col("provider id", rank=4),
+        Col("model", rank=3, cut=True),
+        Col("state"),
+        Col("provider", rank=6),
+        Col("requests t/s/f/e/c", rank=2),
+        Col("created", rank=8),
+        Col("turnaround", rank=7, justify="right"),
+        Col("cost", rank=5, justify="right"),
+    ]
+    print_table(
+        cols,
+        (
+            [
+                b["id"],
+                escape(b["account"]),
+                escape(b["provider_batch_id"] or ""),
+                escape(b["model"]),
+                b["state"],
+                b["provider_state"] or "",
+                _requests(b["requests"]),
+                when(b["created_at"]),
+                _age(b),
+                _cost(b),
+            ]
+            for b in rows
+        ),
+    )
 
 
 @app.command()
@@ -118,7 +130,7 @@ def batch(
 
 def _print_batch(b: dict[str, Any]) -> None:
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
+    grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     rows: list[tuple[str, str]] = [
         ("batch", b["id"]),
@@ -155,7 +167,8 @@ def _print_batch(b: dict[str, Any]) -> None:
         console.print(errors)
     if b["failed_jobs"]:
         failed = Table(title="failed jobs (sample)")
-        for col in ("job", "run", "custom_id", "error"):
+        failed.add_column("job", no_wrap=True)
+        for col in ("run", "custom_id", "error"):
             failed.add_column(col)
         for j in b["failed_jobs"]:
             message = (j["error"] or {}).get("message") if isinstance(j["error"], dict) else j["error"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -11,11 +13,22 @@ from typing import Any
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from batcher.cli.app import app, console, err_console, load_settings, print_json, run
+from batcher.cli.app import (
+    Col,
+    app,
+    console,
+    err_console,
+    load_settings,
+    print_json,
+    print_json_line,
+    print_table,
+    run,
+)
 from batcher.cli.ledger_cmds import usd
 from batcher.config import Settings
 from batcher.db.queries import StatusReport
@@ -57,6 +70,16 @@ def parse_tags(values: list[str] | None) -> dict[str, str]:
     return tags
 
 
+def input_file(file: Path) -> None:
+    """Refuse a FILE argument that is not a readable file, saying why (usage error, exit code 2)."""
+    if not file.exists():
+        raise typer.BadParameter(f"{file} does not exist", param_hint="FILE")
+    if file.is_dir():
+        raise typer.BadParameter(f"{file} is a directory", param_hint="FILE")
+    if not file.is_file():
+        raise typer.BadParameter(f"{file} is not a regular file", param_hint="FILE")
+
+
 @app.command()
 def submit(
     file: Path = typer.Argument(..., metavar="FILE", help="A batch input file in the provider's own JSONL format."),
@@ -84,9 +107,7 @@ def submit(
         not_after = None if deadline is None else utcnow() + parse_duration(deadline)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--deadline") from None
-    if not file.is_file():
-        raise typer.BadParameter(f"{file} is not a file", param_hint="FILE")
-
+    input_file(file)
     size = file.stat().st_size
 
     async def _go() -> IntakeResult:
@@ -115,6 +136,8 @@ def submit(
                 )
 
     result = run(_go())
+    if result.received == 0 and result.rejected == 0:
+        err_console.print(f"warning: {file} holds no requests; nothing was queued", style="yellow", markup=False)
     if json_out:
         print_json(
             {
@@ -141,8 +164,7 @@ def _dry_run(
     from batcher.pricing import PriceBook, load_overrides
     from batcher.providers import registry
 
-    if not file.is_file():
-        raise typer.BadParameter(f"{file} is not a file", param_hint="FILE")
+    input_file(file)
     name = account or provider.value
 
     async def _go() -> Estimate:
@@ -166,6 +188,8 @@ def _dry_run(
             )
 
     estimate = run(_go())
+    if estimate.jobs == 0:
+        err_console.print(f"warning: {file} holds no requests", style="yellow", markup=False)
     if json_out:
         print_json(estimate.to_json())
         return
@@ -195,14 +219,21 @@ def _dry_run(
 
 @app.command()
 def status(
-    run_name: str | None = typer.Option(None, "--run", help="Only this run."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    run_name: str | None = typer.Option(None, "--run", help="Only this run (an error if it has no jobs)."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print JSON; with --watch, one JSON document per refresh, one per line (JSON Lines)."
+    ),
     watch: bool = typer.Option(
         False, "--watch", "-w", help="Show each run's progress live until every run has settled (Ctrl-C stops)."
     ),
     interval: float = typer.Option(1.0, "--interval", min=0.05, max=3600, help="Seconds between refreshes (--watch)."),
 ) -> None:
-    """Job counts by state, overall and per run (with batches in flight), and batches by state."""
+    """Job counts by state, overall and per run (with batches in flight), and batches by state.
+
+    With --run, the batch counts are of the batches holding that run's jobs.
+
+    --watch --json prints the --json document on one line at each refresh (JSON Lines) until the runs settle.
+    """
     settings = load_settings()
     if watch:
         _watch(settings, run_name, interval, json_out=json_out)
@@ -216,36 +247,42 @@ def status(
     if json_out:
         print_json(report)
         return
-    console.print(_status_table(report))
+    _print_status(report)
     batches = report["batches"]
     assert isinstance(batches, dict)
     busy = {k: v for k, v in batches.items() if v}
     console.print("batches: " + (", ".join(f"{k} {v}" for k, v in busy.items()) or "none"))
 
 
-def _status_table(report: dict[str, Any]) -> Table:
+#: how much each job state's column matters in a narrow terminal (0: always shown)
+_STATE_RANK = {"queued": 0, "packed": 6, "submitted": 2, "fallback": 7, "succeeded": 0, "failed": 1, "cancelled": 5}
+
+
+def _print_status(report: dict[str, Any]) -> None:
     states = [s.value for s in JobState]
-    table = Table(title="jobs by run")
-    table.add_column("run")
-    for s in states:
-        table.add_column(s, justify="right")
-    table.add_column("batches in flight", justify="right")
-    table.add_column("oldest queued", justify="right")
-    table.add_column("cost (real-time)", justify="right")
-    table.add_column("saved", justify="right")
+    totals = report["totals"]
+    cols = [
+        Col("run", cut=True),
+        *(Col(s, rank=_STATE_RANK.get(s, 5), justify="right") for s in states),
+        Col("batches in flight", rank=3, justify="right"),
+        Col("oldest queued", rank=4, justify="right"),
+        Col("cost (real-time)", rank=8, justify="right"),
+        Col("saved", rank=4, justify="right"),
+    ]
     now = utcnow()
-    for r in report["runs"]:
-        table.add_row(
-            r["run"],
+    rows = [
+        [
+            escape(r["run"]),
             *(str(r["jobs"].get(s, 0)) for s in states),
             str(r["batches_in_flight"]),
             _ago(r["oldest_queued_at"], now),
             _money_pair(r["actual_usd"], r["realtime_usd"]),
             "" if r["saved_usd"] is None else usd(Decimal(r["saved_usd"])),
-        )
-    totals = report["totals"]
-    table.add_row("[bold]total[/]", *(f"[bold]{totals.get(s, 0)}[/]" for s in states), "", "", "", "")
-    return table
+        ]
+        for r in report["runs"]
+    ]
+    rows.append(["[bold]total[/]", *(f"[bold]{totals.get(s, 0)}[/]" for s in states), "", "", "", ""])
+    print_table(cols, rows, title="jobs by run")
 
 
 def _money_pair(actual: str | None, realtime: str | None) -> str:
@@ -298,7 +335,10 @@ def watch_view(report: StatusReport, now: datetime) -> Table:
 
 
 def _watch(settings: Settings, run_name: str | None, interval: float, *, json_out: bool) -> None:
-    """Refresh until no job is active or Ctrl-C. A terminal gets a live view; anything else the final table."""
+    """Refresh until no job is active or Ctrl-C. A terminal gets a live view; anything else the final table.
+
+    With ``json_out``, each refresh is one line of JSON (JSON Lines), the last one once nothing is active.
+    """
     live = console.is_terminal and not json_out
 
     async def _go() -> StatusReport | None:
@@ -308,6 +348,8 @@ def _watch(settings: Settings, run_name: str | None, interval: float, *, json_ou
                 try:
                     while True:
                         last = await batcher.status(run=run_name)
+                        if json_out:
+                            print_json_line(last.to_json())
                         if isinstance(view, Live):
                             view.update(watch_view(last, utcnow()), refresh=True)
                         if not active(last):
@@ -325,11 +367,11 @@ def _watch(settings: Settings, run_name: str | None, interval: float, *, json_ou
         if exc.exit_code == 130:  # Ctrl-C: the user stopped watching, nothing failed
             return
         raise
-    if final is None:
+    except BrokenPipeError:
+        # the reader went away (``| head -1``): it stopped watching; keep Python from failing to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
-    if json_out:
-        print_json(final.to_json())
-    elif not live:
+    if final is not None and not live and not json_out:
         console.print(watch_view(final, utcnow()))
 
 
@@ -353,18 +395,29 @@ def jobs(
     if json_out:
         print_json(found)
         return
-    table = Table()
-    for col in ("id", "run", "custom_id", "model", "state", "attempts", "batch", "error"):
-        table.add_column(col)
-    for j in found:
-        table.add_row(
-            str(j["id"]),
-            str(j["run"]),
-            str(j["custom_id"]),
-            str(j["model"]),
-            str(j["state"]),
-            str(j["attempts"]),
-            str(j["batch_id"] or ""),
-            str(j["error_code"] or ""),
-        )
-    console.print(table)
+    cols = [
+        Col("id"),
+        Col("run", rank=2, cut=True),
+        Col("custom_id", rank=1, cut=True),
+        Col("model", rank=4, cut=True),
+        Col("state"),
+        Col("attempts", rank=6, justify="right"),
+        Col("batch", rank=5),
+        Col("error", rank=3, cut=True),
+    ]
+    print_table(
+        cols,
+        (
+            [
+                str(j["id"]),
+                escape(str(j["run"])),
+                escape(str(j["custom_id"])),
+                escape(str(j["model"])),
+                str(j["state"]),
+                str(j["attempts"]),
+                str(j["batch_id"] or ""),
+                escape(str(j["error_code"] or "")),
+            ]
+            for j in found
+        ),
+    )

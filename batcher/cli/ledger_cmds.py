@@ -5,12 +5,11 @@ from __future__ import annotations
 from decimal import Decimal
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
-from batcher.cli.app import app, console, load_settings, print_json, run
-from batcher.db.engine import Database
+from batcher.cli.app import Col, app, console, load_settings, print_json, print_table, run
 from batcher.ledger import GROUPINGS, SavingsReport
-from batcher.ledger import savings as savings_query
+from batcher.service import Batcher
 from batcher.timeutil import parse_duration, utcnow
 
 
@@ -25,7 +24,7 @@ def usd(value: Decimal) -> str:
 
 @app.command()
 def savings(
-    run_name: str | None = typer.Option(None, "--run", help="Only this run."),
+    run_name: str | None = typer.Option(None, "--run", help="Only this run (an error if it has no jobs)."),
     since: str | None = typer.Option(None, "--since", help="Only entries settled within this long, e.g. 7d."),
     by: str | None = typer.Option(
         None, "--by", help=f"Group by {', '.join(GROUPINGS)} or tag:KEY.", show_default=False
@@ -42,19 +41,12 @@ def savings(
         raise typer.BadParameter(f"use one of {', '.join(GROUPINGS)} or tag:KEY", param_hint="--by")
 
     async def _go() -> tuple[SavingsReport, SavingsReport | None]:
-        db = Database(settings.database_url)
-        try:
-            from batcher.db import migrate
-
-            await migrate.upgrade(db.engine)
-            async with db.engine.connect() as conn:
-                report = await savings_query(conn, run=run_name, since=since_at, by=by)
-                daily = None
-                if not json_out and console.is_terminal and by != "day":
-                    daily = await savings_query(conn, run=run_name, since=since_at, by="day")
-                return report, daily
-        finally:
-            await db.aclose()
+        async with Batcher(settings) as batcher:
+            report = await batcher.savings(run=run_name, since=since_at, by=by)
+            daily = None
+            if not json_out and console.is_terminal and by != "day":
+                daily = await batcher.savings(run=run_name, since=since_at, by="day")
+            return report, daily
 
     report, daily = run(_go())
     if json_out:
@@ -64,13 +56,18 @@ def savings(
 
 
 def _print(report: SavingsReport, daily: SavingsReport | None) -> None:
-    table = Table(title="savings" + (f" by {report.by}" if report.by else ""))
-    if report.by:
-        table.add_column(report.by)
-    for col in ("jobs", "actual", "real-time", "saved", "saved %", "tokens in", "tokens out"):
-        table.add_column(col, justify="right")
-    rows = [*report.groups, report.totals] if report.by else [report.totals]
-    for r in rows:
+    cols = [Col(report.by, cut=True)] if report.by else []
+    cols += [
+        Col("jobs", justify="right"),
+        Col("actual", justify="right"),
+        Col("real-time", rank=2, justify="right"),
+        Col("saved", justify="right"),
+        Col("saved %", rank=1, justify="right"),
+        Col("tokens in", rank=3, justify="right"),
+        Col("tokens out", rank=3, justify="right"),
+    ]
+    rows = []
+    for r in [*report.groups, report.totals] if report.by else [report.totals]:
         cells = [
             str(r.jobs),
             usd(r.actual_usd),
@@ -81,10 +78,9 @@ def _print(report: SavingsReport, daily: SavingsReport | None) -> None:
             f"{r.output_tokens:,}",
         ]
         if report.by:
-            total = r is report.totals
-            cells = [("[bold]total[/]" if total else str(r.key)), *cells]
-        table.add_row(*cells)
-    console.print(table)
+            cells = [("[bold]total[/]" if r is report.totals else escape(str(r.key))), *cells]
+        rows.append(cells)
+    print_table(cols, rows, title="savings" + (f" by {report.by}" if report.by else ""))
     if report.totals.unpriced_jobs:
         console.print(
             f"[yellow]{report.totals.unpriced_jobs} job(s) have no price[/] (models: "

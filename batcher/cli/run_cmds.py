@@ -21,7 +21,7 @@ from batcher.db import migrate, queries
 from batcher.db.engine import Database
 from batcher.demo import sample_specs
 from batcher.domain import JobState
-from batcher.emulator import EmulatorSettings, run_emulator, serve_emulator
+from batcher.emulator import EmulatorSettings, serve_emulator
 from batcher.ledger import savings as ledger_savings
 from batcher.lifecycle import Pipeline
 from batcher.providers.registry import build_adapters, close_adapters
@@ -53,8 +53,8 @@ def _emulator_settings(**overrides: Any) -> EmulatorSettings:
 
 @app.command()
 def emulator(
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8400, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8400, "--port", min=0, max=65535),
     latency: float | None = typer.Option(None, "--latency", help="Seconds a batch takes [BATCHER_EMULATOR_LATENCY_S]."),
     error_rate: float | None = typer.Option(None, "--error-rate", help="Fraction of requests that fail."),
     api_error_rate: float | None = typer.Option(
@@ -64,7 +64,9 @@ def emulator(
     token_limit: int | None = typer.Option(None, "--token-limit", help="Enqueued tokens per model."),
     seed: int | None = typer.Option(None, "--seed"),
 ) -> None:
-    """Serve the provider emulator (OpenAI Files + Batches API) for local runs and CI."""
+    """Serve the provider emulator for local runs and CI: the OpenAI Files + Batches API and the Anthropic Message
+    Batches API, well enough that both official SDKs work against it unchanged.
+    """
     emu = _emulator_settings(
         latency_s=latency,
         error_rate=error_rate,
@@ -74,9 +76,18 @@ def emulator(
         seed=seed,
     )
     setup_logging(True)
-    console.print(f"emulator on http://{host}:{port}/v1 — set OPENAI_BASE_URL to it (any OPENAI_API_KEY works)")
+
+    async def _serve() -> None:
+        async with serve_emulator(emu, host, port) as url:
+            console.print(
+                f"emulator on {url} — set OPENAI_BASE_URL to it and ANTHROPIC_BASE_URL to "
+                f"{url.removesuffix('/v1')} (any API key works)",
+                highlight=False,
+            )
+            await asyncio.Event().wait()
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_emulator(host, port, emu))
+        run(_serve(), listen=(host, port))
 
 
 @app.command()

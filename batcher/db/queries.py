@@ -166,7 +166,7 @@ class StatusReport:
 
 
 async def status(conn: AsyncConnection, *, run: str | None = None) -> StatusReport:
-    """Job counts by state, overall and per run, and batch counts by state."""
+    """Job counts by state, overall and per run, and batch counts by state (only ``run``'s batches, if given)."""
     query = sa.select(jobs.c.run, jobs.c.state, sa.func.count(), sa.func.min(jobs.c.queued_at)).group_by(
         jobs.c.run, jobs.c.state
     )
@@ -192,7 +192,10 @@ async def status(conn: AsyncConnection, *, run: str | None = None) -> StatusRepo
         if run_name in runs:
             runs[run_name].batches_in_flight = count
     batch_counts = {s.value: 0 for s in BatchState}
-    for state, count in await conn.execute(sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state)):
+    by_state = sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state)
+    if run is not None:
+        by_state = by_state.where(batches.c.id.in_(_batches_of_run(run)))
+    for state, count in await conn.execute(by_state):
         batch_counts[state] = count
     for name, cost in (await cost_by_run(conn, list(runs))).items():
         runs[name].actual_usd, runs[name].realtime_usd = cost.actual_usd, cost.realtime_usd
@@ -352,6 +355,15 @@ def _batches_with_cost() -> sa.Select[Any]:
     )
 
 
+def _batches_of_run(run: str) -> sa.CompoundSelect[Any]:
+    """Ids of the batches holding jobs of ``run``: a job names only its latest batch, so a batch whose jobs were
+    all requeued into later batches is found through the ledger once its results are priced."""
+    return sa.union(
+        sa.select(jobs.c.batch_id).where(jobs.c.run == run, jobs.c.batch_id.is_not(None)),
+        sa.select(ledger.c.batch_id).where(ledger.c.run == run, ledger.c.batch_id.is_not(None)),
+    )
+
+
 async def list_batches(
     conn: AsyncConnection,
     *,
@@ -373,11 +385,7 @@ async def list_batches(
     """
     query = _batches_with_cost().order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
     if run is not None:
-        held = sa.union(
-            sa.select(jobs.c.batch_id).where(jobs.c.run == run, jobs.c.batch_id.is_not(None)),
-            sa.select(ledger.c.batch_id).where(ledger.c.run == run, ledger.c.batch_id.is_not(None)),
-        )
-        query = query.where(batches.c.id.in_(held))
+        query = query.where(batches.c.id.in_(_batches_of_run(run)))
     if provider is not None:
         query = query.where(batches.c.provider == provider)
     if state is not None:

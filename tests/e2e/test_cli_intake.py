@@ -115,6 +115,29 @@ def test_db_upgrade_prints_the_revision(cli: Cli) -> None:
     head = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
     assert f"database at revision {head}" in cli("db", "upgrade").stdout
     assert cli("db", "current").stdout.strip() == head
+    assert f"database at revision {head}" in cli("db", "upgrade", "--revision", head).stdout
+
+
+def test_db_upgrade_to_an_unknown_revision_names_it_and_the_known_ones(offline_cli: Cli) -> None:
+    script = ScriptDirectory.from_config(migrate.alembic_config())
+    err = offline_cli("db", "upgrade", "--revision", "bogus", code=1).stderr
+    assert err.count("\n") == 1 and err.startswith("error: cannot upgrade to revision 'bogus' (")
+    assert "Can't locate revision identified by 'bogus'" in err
+    assert f"known revisions: head, {script.get_current_head()} (head), " in err
+    for rev in script.walk_revisions():
+        assert rev.revision in err
+    help_text = flat(offline_cli("db", "upgrade", "--help").stdout)
+    assert "--revision" in help_text and "up to --revision" in help_text and "REVISION (" not in help_text
+
+
+def test_a_flag_takes_no_value(offline_cli: Cli) -> None:
+    err = flat(offline_cli("status", "--json=false", code=2).stderr)
+    assert "Option '--json' does not take a value" in err
+
+
+def test_emulator_help_names_both_apis(offline_cli: Cli) -> None:
+    out = flat(offline_cli("emulator", "--help").stdout)
+    assert "OpenAI Files + Batches API" in out and "Anthropic Message Batches API" in out
 
 
 def test_submit_100k_lines_then_again_adds_nothing(cli: Cli, big_file: Path) -> None:
@@ -143,11 +166,20 @@ def test_broken_line_refuses_the_whole_file(cli: Cli, tmp_path: Path) -> None:
     assert cli.totals() == {s: 0 for s in STATES}
 
 
+def test_a_long_error_list_ends_with_a_newline(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join(b"not json %d\n" % i for i in range(30)))
+    err = cli("submit", path, "--provider", "openai", code=1).stderr
+    assert err.endswith("  … and 10 more\n"), repr(err[-60:])
+    assert "30 invalid line(s); nothing was stored." in err
+
+
 def test_skip_invalid_stores_good_lines_and_writes_rejects(cli: Cli, tmp_path: Path) -> None:
     path = write_openai_file(tmp_path / "in.jsonl", 100, broken=57)
     rejects = tmp_path / "rejects.jsonl"
     out = cli.json("submit", path, "--provider", "openai", "--skip-invalid", rejects)
     assert (out["received"], out["inserted"], out["rejected"]) == (99, 99, 1)
+    assert rejects.read_bytes().endswith(b"}\n")
     [reject] = [orjson.loads(line) for line in rejects.read_bytes().splitlines()]
     assert reject["line"] == 57
     assert "invalid JSON" in reject["error"]
@@ -191,9 +223,12 @@ def test_bad_options_are_usage_errors(offline_cli: Cli, tmp_path: Path, args: li
     assert not (tmp_path / "untouched.db").exists()
 
 
-def test_missing_file_is_a_clear_error(offline_cli: Cli, tmp_path: Path) -> None:
-    err = flat(offline_cli("submit", tmp_path / "nope.jsonl", "--provider", "openai", code=2).stderr)
-    assert "nope.jsonl is not a file" in err
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_missing_file_is_a_clear_error(offline_cli: Cli, tmp_path: Path, dry_run: list[str]) -> None:
+    err = flat(offline_cli("submit", tmp_path / "nope.jsonl", "--provider", "openai", *dry_run, code=2).stderr)
+    assert "nope.jsonl does not exist" in err
+    err = flat(offline_cli("submit", tmp_path, "--provider", "openai", *dry_run, code=2).stderr)
+    assert f"{tmp_path} is a directory" in err
     assert not (tmp_path / "untouched.db").exists()
 
 
@@ -279,3 +314,16 @@ def test_dry_run_with_skip_invalid_estimates_the_good_lines_and_writes_the_rejec
     assert dry_rejects.read_bytes() == real_rejects.read_bytes()
     [reject] = map(orjson.loads, real_rejects.read_bytes().splitlines())
     assert (reject["line"], reject["error"]) == (3, "duplicate custom_id 'req-1' (first on line 1)")
+
+
+def test_an_empty_file_warns_but_is_not_an_error(cli: Cli, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    proc = cli("submit", empty, "--provider", "openai")
+    assert proc.stderr == f"warning: {empty} holds no requests; nothing was queued\n"
+    assert "0 queued" in proc.stdout
+    proc = cli("submit", empty, "--provider", "openai", "--json")
+    assert orjson.loads(proc.stdout)["received"] == 0 and "holds no requests" in proc.stderr
+    assert "holds no requests" in cli("submit", empty, "--provider", "openai", "--dry-run").stderr
+    # a file with requests says nothing of the kind
+    assert "holds no requests" not in cli("submit", write_openai_file(tmp_path / "one.jsonl", 1), "-p", "openai").stderr

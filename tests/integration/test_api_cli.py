@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,11 @@ async def test_tenant_limits(db_url: str) -> None:
         "monthly_budget_usd": "250.500000000000",
     }
     assert [t["tenant"] for t in await cli_json(db_url, "tenants", "list")] == ["acme"]
+    # without --json: a line for people, not a Python dict
+    out, _ = await cli(db_url, "tenants", "set", "acme", "--max-queued", "1", "--monthly-budget", "500")
+    assert out == "tenant acme: max queued jobs 1, monthly budget $500.00\n"
+    out, _ = await cli(db_url, "tenants", "set", "acme", "--max-queued", "none", "--monthly-budget", "none")
+    assert out == "tenant acme: max queued jobs no limit, monthly budget none\n"
     _, err = await cli(db_url, "tenants", "set", "nobody", "--max-queued", "3", code=1)
     assert "no tenant 'nobody'" in err
     _, err = await cli(db_url, "tenants", "set", "acme", "--max-queued", "lots", code=2)
@@ -121,9 +127,9 @@ async def test_up_with_the_emulator_serves_the_api_and_settles_jobs(sqlite_url: 
     await db.aclose()
     port = free_port_number()
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "BATCHER_PACK_MAX_WAIT"},
+        # no BATCHER_PACK_MAX_WAIT: --emulator packs after a few seconds, not the default 300
         "BATCHER_DATABASE_URL": sqlite_url,
-        "BATCHER_PACK_MAX_WAIT": "0",
         "BATCHER_POLL_MIN_S": "0.1",
         "BATCHER_POLL_MAX_S": "0.5",
         "BATCHER_TICK_S": "1",
@@ -159,7 +165,7 @@ async def test_up_with_the_emulator_serves_the_api_and_settles_jobs(sqlite_url: 
         async with BatcherClient(url, made["key"]) as client:
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
             accepted = await client.enqueue(provider="openai", body=body, run="up")
-            job = await client.wait(accepted.id, poll_s=0.2, max_poll_s=1.0, timeout_s=90)
+            job = await client.wait(accepted.id, poll_s=0.2, max_poll_s=1.0, timeout_s=60)
             assert job.state is JobState.SUCCEEDED
             assert job.result["object"] == "chat.completion"
             assert [line.id async for line in client.results("up")] == [accepted.id]
@@ -174,3 +180,30 @@ async def test_up_with_the_emulator_serves_the_api_and_settles_jobs(sqlite_url: 
         out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert f"batcher API on {url}" in out.decode()
+    assert "queued jobs are packed after 3 s (BATCHER_PACK_MAX_WAIT)" in out.decode()
+
+
+def test_up_emulator_help_names_the_short_pack_wait() -> None:
+    proc = subprocess.run(
+        [BATCHER, "up", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
+    text = " ".join(proc.stdout.replace("│", " ").split())
+    assert "packed after 3 s instead of BATCHER_PACK_MAX_WAIT's default 300 s (unless it is set)" in text
+
+
+@pytest.mark.parametrize("command", [["api"], ["up"], ["up", "--emulator"], ["emulator"]])
+async def test_a_port_in_use_is_a_one_line_error(sqlite_url: str, tmp_path: Path, command: list[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out, err = await cli(
+            sqlite_url,
+            *command,
+            "--port",
+            str(port),
+            code=1,
+            BATCHER_EMULATOR_DATA_DIR=str(tmp_path / "emu"),
+        )
+    assert err == f"error: port {port} on 127.0.0.1 is already in use (give another with --port)\n"
+    assert "Traceback" not in out + err

@@ -8,6 +8,8 @@ Each command's JSON is checked against what the database holds. The CLI runs in 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -89,7 +91,7 @@ class Env:
         async with self.db.engine.begin() as conn:
             await conn.execute(statement)
 
-    def cli_env(self) -> dict[str, str]:
+    def cli_env(self) -> dict[str, str | None]:
         return {
             "BATCHER_DATABASE_URL": self.settings.database_url,
             "OPENAI_BASE_URL": self.base_url,
@@ -99,14 +101,14 @@ class Env:
             "COLUMNS": "250",
         }
 
-    async def cli(self, *args: str | Path, code: int = 0) -> Result:
-        return await asyncio.to_thread(invoke, self.cli_env(), *args, code=code)
+    async def cli(self, *args: str | Path, code: int = 0, **env: str | None) -> Result:
+        return await asyncio.to_thread(invoke, self.cli_env() | env, *args, code=code)
 
     async def json(self, *args: str | Path) -> Any:
         return orjson.loads((await self.cli(*args, "--json")).stdout)
 
 
-def invoke(env: dict[str, str], *args: str | Path, code: int = 0) -> Result:
+def invoke(env: dict[str, str | None], *args: str | Path, code: int = 0) -> Result:
     result = CliRunner().invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
     assert result.exit_code == code, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
@@ -282,7 +284,48 @@ async def test_batches_batch_and_jobs_match_the_database(scenario: Env) -> None:
             listed_jobs = await env.json("jobs", "--batch", row["provider_batch_id"], "--limit", "1000")
             assert {j["id"] for j in listed_jobs} == expected
             assert {j["batch_id"] for j in listed_jobs} <= {batch_id}
-    assert await env.json("jobs", "--batch", "nope") == []
+    # a batch nobody made is an error, as with `batch`, not an empty list
+    result = await env.cli("jobs", "--batch", "nope", code=1)
+    assert result.stderr == "error: no batch nope\n" and result.stdout == ""
+    await env.cli("jobs", "--batch", "nope", "--json", code=1)
+
+
+async def test_listings_fit_a_narrow_terminal_and_pipe_whole_rows(scenario: Env) -> None:
+    env = scenario
+    db_batches = await env.rows(batches)
+    db_jobs = await env.rows(jobs)
+    # 80 columns: every line fits, ids whole, no cell folded into fragments; what is left out is named
+    for args in (["batches"], ["jobs", "--limit", "1000"], ["status"], ["savings", "--by", "run"]):
+        out = (await env.cli(*args, COLUMNS="80")).stdout
+        lines = out.splitlines()
+        assert all(len(line) <= 80 for line in lines), out
+        assert "…" not in "".join(line for line in lines if line.startswith("┃")), out  # headers whole
+        if args[0] == "batches":
+            for b in db_batches:
+                assert sum(b["id"] in line for line in lines) == 1, out
+            assert "not shown (narrow terminal; --json has all): " in " ".join(out.split())
+            rows = [line for line in lines if line.startswith("│")]
+            assert len(rows) == len(db_batches), out  # one line per batch
+        if args[0] == "jobs":
+            assert {j["id"] for j in db_jobs} <= set(out.split())
+            rows = [line for line in lines if line.startswith("│")]
+            assert len(rows) == len(db_jobs), out
+        if args[0] == "status":
+            for word in ("run", "queued", "succeeded", "alpha", "delta"):
+                assert f" {word} " in out, out
+    # piped (not a terminal, COLUMNS unset): every column, one line per row, however wide
+    out = (await env.cli("batches", COLUMNS=None)).stdout
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == len(db_batches), out
+    for b in db_batches:
+        [row] = [line for line in rows if b["id"] in line]
+        assert b["provider_batch_id"] is None or b["provider_batch_id"] in row
+        assert b["model"] in row and b["state"] in row
+    assert "not shown" not in out
+    out = (await env.cli("status", COLUMNS=None)).stdout
+    header = next(line for line in out.splitlines() if line.startswith("┃"))
+    for col in ("queued", "packed", "submitted", "fallback", "succeeded", "failed", "cancelled", "batches in flight"):
+        assert f" {col} " in header, header
 
 
 async def test_cost_comes_from_the_ledger(scenario: Env) -> None:
@@ -334,6 +377,27 @@ async def test_status_and_export(scenario: Env, tmp_path: Path) -> None:
     assert runs["delta"]["settled"] == 0
     assert all(runs[n]["batches_in_flight"] == 0 for n in ("alpha", "beta", "gamma"))
     assert "batches in flight" in (await env.cli("status")).stdout
+
+    # --run: that run's jobs, and only the batches holding them
+    for name in ("alpha", "beta", "gamma", "delta"):
+        mine = await env.json("status", "--run", name)
+        assert [r["run"] for r in mine["runs"]] == [name]
+        held = {j["batch_id"] for j in db_jobs if j["run"] == name and j["batch_id"]} | {
+            e["batch_id"] for e in await env.rows(ledger, ledger.c.run == name) if e["batch_id"]
+        }
+        counts = Counter(b["state"] for b in db_batches if b["id"] in held)
+        assert mine["batches"] == {s: 0 for s in BATCH_STATES} | dict(counts), name
+    delta = await env.json("status", "--run", "delta")
+    assert delta["batches"]["open"] == 1 and sum(delta["batches"].values()) == 1
+    assert "batches: open 1\n" in (await env.cli("status", "--run", "delta")).stdout
+    # a run with no jobs is an error; one with jobs but nothing settled reports zeros
+    for args in (["status", "--run", "nobody"], ["savings", "--run", "nobody"]):
+        for extra in ([], ["--json"]):
+            result = await env.cli(*args, *extra, code=1)
+            assert result.stderr == "error: no run 'nobody' (no jobs in it)\n" and result.stdout == ""
+    nothing = await env.json("savings", "--run", "delta")
+    assert nothing["totals"]["jobs"] == 0 and Decimal(nothing["totals"]["actual_usd"]) == 0
+    assert (await env.json("savings", "--run", "alpha"))["totals"]["jobs"] == 12
 
     # export: OpenAI output lines, the user's custom_ids, stored bodies spliced in
     by_custom_id = {(j["run"], j["custom_id"]): j for j in db_jobs}
@@ -407,11 +471,31 @@ async def test_cancel_run_and_watch(make_env: Callable[..., Any], tmp_path: Path
 
         # a watcher started now returns once the worker has settled everything
         watcher = asyncio.create_task(env.cli("status", "--watch", "--interval", "0.1"))
-        await asyncio.sleep(0.3)
-        assert not watcher.done()
+        # --json: one status document per refresh, one per line (JSON Lines), until the run settles (a subprocess:
+        # CliRunner swaps the process's stdout, so two at once would mix their output)
+        json_watcher = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("batcher")),
+            *("status", "--watch", "--json", "--run", "keep", "--interval", "0.1"),
+            env={k: v for k, v in (os.environ | env.cli_env()).items() if v is not None},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert json_watcher.stdout is not None
+        first = await asyncio.wait_for(json_watcher.stdout.readline(), 60)  # its first look, before the burst
+        assert not watcher.done() and json_watcher.returncode is None
         await env.burst()
         watched = (await asyncio.wait_for(watcher, 30)).stdout
         assert "doomed" in watched and "8/8" in watched and "3/3" in watched
+        out, err = await asyncio.wait_for(json_watcher.communicate(), 30)
+        assert json_watcher.returncode == 0, err.decode()
+        lines = (first + out).decode().splitlines()
+        assert len(lines) >= 2
+        docs = [orjson.loads(line) for line in lines]
+        assert all(set(d) == {"totals", "runs", "batches"} for d in docs)
+        assert all([r["run"] for r in d["runs"]] == ["keep"] for d in docs)
+        assert docs[0]["totals"]["succeeded"] < 3
+        assert docs[-1]["totals"]["succeeded"] == 3 and docs[-1]["runs"][0]["settled"] == 3
+        assert all(d["runs"][0]["settled"] < 3 for d in docs[:-1])
 
         rows = await env.rows(jobs)
         assert {r["state"] for r in rows if r["run"] == "doomed"} == {"cancelled"}
@@ -422,8 +506,9 @@ async def test_cancel_run_and_watch(make_env: Callable[..., Any], tmp_path: Path
         assert detail["jobs"]["cancelled"] == 6
         # nothing active: one look, then the final view (and --json prints the report)
         assert "doomed" in (await env.cli("status", "--watch", "--run", "doomed")).stdout
-        final = await env.json("status", "--watch")
+        [final] = [orjson.loads(line) for line in (await env.cli("status", "--watch", "--json")).stdout.splitlines()]
         assert final["totals"]["cancelled"] == 8 and final["totals"]["succeeded"] == 3
+        assert "no run 'ghost'" in (await env.cli("status", "--watch", "--run", "ghost", code=1)).stderr
 
 
 def test_export_lines_in_each_providers_format() -> None:
