@@ -24,8 +24,10 @@ def _do_run(connection: Connection) -> None:
     if connection.dialect.name == "sqlite" and not connection.connection.driver_connection.in_transaction:
         # Python's sqlite3 opens a transaction only before INSERT/UPDATE/DELETE, so DDL would commit statement by
         # statement: a worker killed while migrating would leave tables without their version. SQLite's DDL is
-        # transactional once a transaction is open: open it, so a migration run is all or nothing.
-        connection.exec_driver_sql("BEGIN")
+        # transactional once a transaction is open: open it, so a migration run is all or nothing. IMMEDIATE: the
+        # write lock is taken first, so a process migrating while another writes waits for it (busy_timeout)
+        # instead of failing "database is locked" when its read turns into a write.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     with context.begin_transaction():
         context.run_migrations()
 
