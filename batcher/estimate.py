@@ -33,9 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: output tokens assumed for a request that sets no output bound
 DEFAULT_OUTPUT_TOKENS = 256
-#: the request fields that bound its output (Anthropic's is ``max_tokens``); intake has checked that each one
-#: given is an integer from 1 to :data:`batcher.intake.MAX_OUTPUT_TOKENS`
-OUTPUT_BOUNDS = OPENAI_TOKEN_FIELDS
 #: tokens the chat format adds per message and per reply (OpenAI's published rule of thumb)
 PER_MESSAGE_TOKENS = 3
 PER_REPLY_TOKENS = 3
@@ -102,7 +99,7 @@ def max_output_tokens(endpoint: str, body: Mapping[str, Any]) -> int:
     are all generated and billed)."""
     if endpoint in ("/v1/embeddings", "/v1/moderations"):
         return 0
-    bounds = [n for key in OUTPUT_BOUNDS if (n := _count(body.get(key))) is not None and n >= 1]
+    bounds = [n for key in OPENAI_TOKEN_FIELDS if (n := _count(body.get(key))) is not None and n >= 1]
     bound = max(bounds) if bounds else DEFAULT_OUTPUT_TOKENS
     choices = max((n for key in ("n", "best_of") if (n := _count(body.get(key))) is not None), default=1)
     return bound * max(choices, 1)
