@@ -299,6 +299,7 @@ class PriceBook:
         self.overrides = {k.lower(): v for k, v in (overrides or {}).items()}
         self.at = at or datetime.now(UTC)
         self._cache: dict[tuple[str, str], _ModelPrices | None] = {}
+        self._windows: dict[tuple[str, str], int | None] = {}
 
     def _lookup(self, provider: str, model: str) -> _ModelPrices | None:
         key = (provider, model)
@@ -331,6 +332,25 @@ class PriceBook:
         _ = gp
         return _ModelPrices(_plan(realtime), batch, PRICE_SOURCE)
 
+    def output_cap(self, provider: str, model: str) -> int | None:
+        """The most output tokens the operator or the price source says ``model`` can produce, or ``None``.
+
+        An override entry's ``max_output_tokens`` comes first; else the model's context window in genai-prices
+        (input and output share it, so no reply is longer).
+        """
+        key = (provider, model)
+        if key not in self._windows:
+            entry: Mapping[str, Any] = self.overrides.get(f"{provider}/{model}".lower()) or {}
+            cap: Any = entry.get("max_output_tokens")
+            if cap is None:
+                try:
+                    _, info = data_snapshot.get_snapshot().find_provider_model(model, None, provider, None)
+                except LookupError:
+                    info = None
+                cap = None if info is None else info.context_window
+            self._windows[key] = None if cap is None else int(cap)
+        return self._windows[key]
+
     def cost(self, provider: str, model: str, usage: TokenUsage, *, mode: str) -> Cost:
         """What ``usage`` of ``model`` cost.
 
@@ -358,6 +378,8 @@ def load_overrides(path: Path | None) -> dict[str, dict[str, dict[str, Any]]]:
 
     Keys (USD per million tokens): ``input_mtok``, ``output_mtok``, ``cache_read_mtok``, ``cache_write_mtok``
     and ``cache_write_1h_mtok`` (1-hour cache writes; needs ``cache_write_mtok`` beside it, as in genai-prices).
+    An entry may also give ``max_output_tokens``: the model's longest reply, which bounds estimates of requests
+    that set no output limit.
 
     Raises:
         ConfigError: the file cannot be read or has the wrong shape (says which entry).
@@ -373,6 +395,9 @@ def load_overrides(path: Path | None) -> dict[str, dict[str, dict[str, Any]]]:
     for name, entry in data.items():
         if "/" not in name or not isinstance(entry, dict) or not isinstance(entry.get("realtime"), dict):
             raise ConfigError(f"price overrides {path}: entry {name!r} needs 'provider/model' and a 'realtime' object")
+        cap = entry.get("max_output_tokens")
+        if cap is not None and (type(cap) is not int or cap < 1):
+            raise ConfigError(f"price overrides {path}: {name}.max_output_tokens must be a whole number >= 1")
         for mode in ("realtime", "batch"):
             prices = entry.get(mode) or {}
             if not isinstance(prices, dict):

@@ -15,7 +15,8 @@ Errors::
     BatcherError
     └── LimitExceeded        over a tenant limit (``tenant``)
         ├── TooManyQueued    more unsettled jobs than ``max_queued_jobs`` (HTTP 429)
-        └── OverBudget       the monthly budget would be exceeded (HTTP 402; budget, spend and estimate)
+        ├── OverBudget       the monthly budget would be exceeded (HTTP 402; budget, spend and estimate)
+        └── UnpricedUnderBudget  a tenant with a budget asked for a model with no price (HTTP 402; ``models``)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from batcher.db.engine import Database
 from batcher.db.tables import api_keys, jobs, ledger, tenants
 from batcher.domain import JOB_ACTIVE, new_id, state_values
 from batcher.errors import BatcherError, InvalidInput, NotFound
-from batcher.estimate import count_input_tokens, max_output_tokens
+from batcher.estimate import count_input_tokens, max_output_tokens, model_max_output
 from batcher.intake import SpecLike
 from batcher.pricing import PriceBook, TokenUsage, money
 from batcher.timeutil import utcnow
@@ -98,11 +99,30 @@ class OverBudget(LimitExceeded):
         self.request_usd = request_usd
 
 
+class UnpricedUnderBudget(LimitExceeded):
+    """A tenant with a monthly budget asked for a model with no known price: its spend could not be counted.
+
+    Attributes:
+        models: the unpriced ``provider/model`` names of the request.
+    """
+
+    def __init__(self, *, tenant: str, models: Sequence[str]) -> None:
+        names = ", ".join(models)
+        super().__init__(
+            f"tenant {tenant!r} has a monthly budget, and no price is known for {names}: its cost could not be "
+            "counted against the budget. Use a priced model, or ask the operator for a price override "
+            "(BATCHER_PRICE_OVERRIDES_FILE).",
+            tenant=tenant,
+        )
+        self.models = list(models)
+
+
 def _usd(value: Decimal) -> str:
-    """Dollars to the cent, or to six places for amounts under a cent."""
-    if value and abs(value) < Decimal("0.01"):
-        return f"{value:.6f}"
-    return f"{value:,.2f}"
+    """Dollars with every digit the amount has (at least to the cent): ``0.0132``, ``1,250.00``."""
+    exact = value.normalize()
+    if exact.as_tuple().exponent > -2:  # type: ignore[operator]
+        exact = exact.quantize(Decimal("0.01"))
+    return f"{exact:,f}"
 
 
 @dataclass(frozen=True)
@@ -349,18 +369,16 @@ async def authenticate(db: Database, key: str) -> Principal | None:
 # ------------------------------------------------------------------------------------------------ limits
 
 
-def estimate_usd(prices: PriceBook, spec: SpecLike) -> Decimal:
-    """What a job is expected to cost at the batch price: its input tokens and its output bound.
-
-    A model with no price counts as 0 here: its cost is unknown, and refusing every job of an unpriced model
-    would make budgets unusable for it.
+def estimate_usd(prices: PriceBook, spec: SpecLike) -> Decimal | None:
+    """What a job is expected to cost at most, at the batch price: its input tokens and its output bound (the
+    request's own, else the model's longest reply). ``None``: no price is known for the model.
     """
+    model_max = model_max_output(prices, spec.provider.value, spec.model)
     usage = TokenUsage(
         input_tokens=count_input_tokens(spec.provider, spec.endpoint, spec.body),
-        output_tokens=max_output_tokens(spec.endpoint, spec.body),
+        output_tokens=max_output_tokens(spec.endpoint, spec.body, model_max),
     )
-    cost = prices.cost(spec.provider.value, spec.model, usage, mode="batch")
-    return cost.actual_usd if cost.actual_usd is not None else Decimal(0)
+    return prices.cost(spec.provider.value, spec.model, usage, mode="batch").actual_usd
 
 
 def month_start(now: datetime) -> datetime:
@@ -369,9 +387,13 @@ def month_start(now: datetime) -> datetime:
 
 
 async def spent_this_month(conn: AsyncConnection, tenant: str, now: datetime) -> Decimal:
-    """The tenant's ledger spend (actual cost) since the start of the month."""
+    """The tenant's ledger spend (actual cost) since the start of the month.
+
+    An entry whose cost is unknown (a success the provider reported no usage for) counts at its job's estimate,
+    an upper bound of what it can have cost, so unknown spend cannot slip past the budget.
+    """
     query = (
-        sa.select(sa.func.sum(ledger.c.actual_usd))
+        sa.select(sa.func.sum(sa.func.coalesce(ledger.c.actual_usd, jobs.c.estimate_usd)))
         .select_from(ledger.join(jobs, jobs.c.id == ledger.c.job_id))
         .where(jobs.c.tenant == tenant, ledger.c.settled_at >= month_start(now))
     )
@@ -387,8 +409,9 @@ async def check_limits(
     conn: AsyncConnection,
     tenant: Tenant,
     created_ids: Sequence[str],
-    estimates: Mapping[str, Decimal] | None,
+    estimates: Mapping[str, Decimal | None] | None,
     now: datetime,
+    models: Mapping[str, str] | None = None,
 ) -> None:
     """Check a tenant's limits inside the transaction that has just stored ``created_ids``.
 
@@ -396,12 +419,15 @@ async def check_limits(
         conn: the enqueue's connection, its transaction open.
         tenant: the tenant, with its limits.
         created_ids: the jobs this enqueue stored (already in the table).
-        estimates: each created job's estimated cost (needed when the tenant has a budget); stored on the job.
+        estimates: each created job's estimated cost (needed when the tenant has a budget; ``None``: its model has
+            no price); stored on the job.
         now: the current time (for the month's start).
+        models: each created job's ``provider/model``, to name an unpriced one.
 
     Raises:
         TooManyQueued: more unsettled jobs than the tenant may have.
         OverBudget: spend this month plus the estimate of the unsettled jobs exceeds the monthly budget.
+        UnpricedUnderBudget: the tenant has a budget and a created job's model has no price.
     """
     if not created_ids or not tenant.limited:
         return
@@ -420,11 +446,16 @@ async def check_limits(
             )
     if tenant.monthly_budget_usd is not None:
         estimates = estimates or {}
-        request = sum((estimates.get(i, Decimal(0)) for i in created_ids), Decimal(0))
-        if estimates:
+        unpriced = [i for i in created_ids if i in estimates and estimates[i] is None]
+        if unpriced:
+            names = sorted({(models or {}).get(i, "a model") for i in unpriced})
+            raise UnpricedUnderBudget(tenant=tenant.name, models=names)
+        known = {i: e for i, e in estimates.items() if e is not None}
+        request = sum((known.get(i, Decimal(0)) for i in created_ids), Decimal(0))
+        if known:
             await conn.execute(
                 sa.update(jobs).where(jobs.c.id == sa.bindparam("e_id")).values(estimate_usd=sa.bindparam("e_usd")),
-                [{"e_id": i, "e_usd": money(estimates[i])} for i in created_ids if i in estimates],
+                [{"e_id": i, "e_usd": money(known[i])} for i in created_ids if i in known],
             )
         queued = await conn.scalar(sa.select(sa.func.sum(jobs.c.estimate_usd)).where(*unsettled))
         queued = (queued if queued is not None else Decimal(0)) - request

@@ -34,7 +34,7 @@ from batcher.db.engine import Database
 from batcher.errors import ConfigError, InvalidInput, NotFound, ProviderError, StateConflict
 from batcher.pricing import PriceBook, load_overrides
 from batcher.providers import registry
-from batcher.tenants import OverBudget, TooManyQueued
+from batcher.tenants import OverBudget, TooManyQueued, UnpricedUnderBudget
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def translate(exc: Exception) -> ApiError | None:
                 "request_usd": str(exc.request_usd),
             },
         )
+    if isinstance(exc, UnpricedUnderBudget):
+        return ApiError(402, "unpriced_model", str(exc), extra={"models": exc.models})
     if isinstance(exc, ProviderError):
         return ApiError(502, "provider_error", f"the provider refused: {exc}")
     if isinstance(exc, ConfigError):

@@ -303,7 +303,7 @@ class Enqueuer:
         tenant = subs[0].tenant
         specs = [s for sub in subs for s in sub.specs]
         callbacks = [c for sub in subs for c in sub.callback_urls]
-        estimates: list[Decimal] | None = None
+        estimates: list[Decimal | None] | None = None
         if tenant.monthly_budget_usd is not None:
             if len(specs) > _THREAD_ESTIMATES:
                 estimates = await asyncio.to_thread(lambda: [estimate_usd(self.prices, s) for s in specs])
@@ -374,7 +374,7 @@ async def _after_insert(
     tenant: Tenant,
     subs: Sequence[Submission],
     done: Enqueued,
-    estimates: list[Decimal] | None,
+    estimates: list[Decimal | None] | None,
     known_runs: Collection[str],
 ) -> list[Answer]:
     """Inside the intake transaction: limits, runs, answers and idempotency records."""
@@ -385,7 +385,11 @@ async def _after_insert(
         if estimates is None
         else {job_id: est for job_id, new, est in zip(done.ids, done.created, estimates, strict=True) if new}
     )
-    await check_limits(conn, tenant, created_ids, estimate_by_id, now)
+    models = None
+    if estimate_by_id is not None and None in estimate_by_id.values():  # to name what has no price
+        specs = (s for sub in subs for s in sub.specs)
+        models = {i: f"{s.provider.value}/{s.model}" for i, s in zip(done.ids, specs, strict=True)}
+    await check_limits(conn, tenant, created_ids, estimate_by_id, now, models)
 
     new_runs = sorted(
         {s.run for s, new in zip((s for sub in subs for s in sub.specs), done.created, strict=True) if new}

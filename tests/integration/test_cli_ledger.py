@@ -141,3 +141,17 @@ async def test_anthropic_file_priced_at_batch_rates(db_url: str, redis_url: str,
     assert group["key"] == "claude-haiku-4-5"
     assert savings["totals"]["saved_pct"] == 50.0
     assert savings["totals"]["jobs"] == 12
+
+
+async def test_dry_run_of_a_million_character_request_without_max_tokens(db_url: str, tmp_path: Path) -> None:
+    env = {"BATCHER_DATABASE_URL": db_url, "COLUMNS": "200"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * 200_000}]}
+    line = {"custom_id": "long", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(orjson.dumps(line) + b"\n")
+    estimate = await cli_json(env, "submit", path, "--provider", "openai", "--dry-run")
+    [group] = estimate["groups"]
+    assert group["input_tokens"] >= 200_000
+    assert group["max_output_tokens"] == 16_384  # gpt-4o-mini's longest reply, as no max_tokens is set
+    human = await asyncio.to_thread(invoke, env, "submit", path, "--provider", "openai", "--dry-run")
+    assert "Traceback" not in human.stdout + human.stderr
