@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     api_max_bulk_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     #: most jobs in one bulk POST (413 above it)
     api_max_bulk_jobs: int = Field(default=100_000, gt=0)
+    #: seconds a connection has to send a whole request head (line and headers) after it opens or after its last
+    #: answer; a connection that has not is closed (slow or idle clients). Idle keep-alive connections close then too
+    api_header_timeout_s: float = Field(default=15.0, gt=0)
+    #: seconds a request has to send its whole body once its head has arrived (408 past it)
+    api_body_timeout_s: float = Field(default=120.0, gt=0)
+    #: most client connections an API process holds open; one past it is answered 503 and closed at once
+    api_max_connections: int = Field(default=1024, ge=1)
     #: how long a verified API key and its tenant's limits are trusted before they are read again: a revoked key
     #: stops working within this many seconds
     api_auth_cache_s: float = Field(default=5.0, ge=0)

@@ -27,6 +27,7 @@ from batcher.api.auth import KeyCache, authenticate
 from batcher.api.enqueue import Enqueuer
 from batcher.api.errors import ApiError, from_validation
 from batcher.api.openapi import Route, build_openapi
+from batcher.api.server import ApiRunner
 from batcher.api.state import STATE, ApiState
 from batcher.config import Settings
 from batcher.db import migrate
@@ -191,7 +192,8 @@ async def serve_api(
     settings: Settings | None = None, host: str = "127.0.0.1", port: int = 0, *, migrate_db: bool = True
 ) -> AsyncIterator[str]:
     """Serve the API in-process for the duration of the block; yields its base URL (``http://host:port``)."""
-    runner = web.AppRunner(create_app(settings, migrate_db=migrate_db), access_log=None, handler_cancellation=False)
+    settings = settings or Settings()
+    runner = ApiRunner(create_app(settings, migrate_db=migrate_db), settings, handler_cancellation=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -9,6 +9,7 @@ the same moment (a busy client, as its entry runs out) share one lookup.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import OrderedDict
 
@@ -23,6 +24,8 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 #: how many verified keys one process remembers
 CACHE_ENTRIES = 10_000
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="batcher"'}
+#: what an API key can be made of (keys are ``bk_`` and URL-safe base64; anything else is refused unread)
+_KEY_CHARS = re.compile(r"[\x21-\x7e]{1,512}")
 
 
 class KeyCache:
@@ -80,6 +83,8 @@ def bearer_key(request: web.Request) -> str:
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise unauthorized("the Authorization header must be 'Bearer <your API key>'")
+    if not _KEY_CHARS.fullmatch(key):  # bytes that are not UTF-8 arrive as surrogates: never a key of ours
+        raise unauthorized("invalid API key: a key is printable ASCII")
     return key
 
 

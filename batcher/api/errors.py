@@ -68,9 +68,12 @@ class ApiError(Exception):
         return {"error": error}
 
     def response(self) -> web.Response:
-        return web.Response(
+        response = web.Response(
             status=self.status, body=orjson.dumps(self.body()), content_type=JSON, headers=self.headers or None
         )
+        if self.headers.get("Connection") == "close":
+            response.force_close()  # the rest of the body is not waited for
+        return response
 
 
 def invalid(message: str, *, field: str | None = None, line: int | None = None) -> ApiError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping
 from enum import Enum
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from batcher.api.enqueue import Answer, IdempotencyKey
 from batcher.api.errors import JSON, ApiError, invalid
+from batcher.api.state import STATE
 
 E = TypeVar("E", bound=Enum)
 
@@ -31,19 +33,42 @@ def answer_response(answer: Answer) -> web.Response:
 
 
 async def read_body(request: web.Request, limit: int, setting: str) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (before reading it, when its length is declared)."""
+    """The request body, refused with 413 past ``limit`` bytes and with 408 past the body deadline.
+
+    The limit applies to the body as decoded (``Content-Encoding: gzip``, ``deflate``, ``br`` are inflated by
+    aiohttp on the way in) and is checked while it is read, so a small compressed body that inflates past it
+    stops there; a declared ``Content-Length`` over the limit is refused before anything is read.
+    """
     declared = request.content_length
-    if declared is not None:
-        if declared > limit:
-            raise _too_large(declared, limit, setting)
-        return await request.read()
+    if declared is not None and declared > limit:
+        raise _too_large(declared, limit, setting)
+    timeout_s = request.app[STATE].settings.api_body_timeout_s
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit, setting)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(size, limit, setting)
+                chunks.append(chunk)
+    except web.RequestPayloadError:
+        # a body that ends early, or whose Content-Encoding does not decode
+        raise ApiError(
+            400,
+            "invalid_body",
+            "the body could not be read: it ended early or does not decode as its Content-Encoding says",
+            field="body",
+            headers={"Connection": "close"},
+        ) from None
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "timeout",
+            f"the body did not arrive within {timeout_s:g} s (BATCHER_API_BODY_TIMEOUT_S)",
+            field="body",
+            headers={"Connection": "close"},
+        ) from None
     return b"".join(chunks)
 
 
