@@ -78,7 +78,12 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="BATCHER_", extra="ignore", populate_by_name=True, env_nested_delimiter="__"
+        env_prefix="BATCHER_",
+        extra="ignore",
+        populate_by_name=True,
+        env_nested_delimiter="__",
+        # an error about a setting never repeats its value (keys, the secret key)
+        hide_input_in_errors=True,
     )
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -162,6 +167,18 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=16, ge=1)
     #: deliveries one sender claims at a time
     webhook_batch: int = Field(default=200, ge=1)
+    #: seals the tenants' webhook secrets at rest (AES-256-GCM): 32 random bytes, base64. Unset: a SQLite database
+    #: file gets a key file next to it (``<database>.key``, mode 0600); PostgreSQL needs it (``batcher.secretbox``)
+    secret_key: SecretStr | None = None
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from batcher.secretbox import decode_key
+
+            decode_key(value.get_secret_value())
+        return value
 
     @field_validator("providers")
     @classmethod

@@ -4,6 +4,14 @@ An API key is ``bk_`` followed by 40 random URL-safe characters (240 bits). Only
 slow password hash buys nothing for a random key of that size — together with its first characters, so
 listings can tell keys apart. The key itself is printed once, when it is made.
 
+A tenant's webhook secret is ``whsec_`` and the base64 of 32 random bytes (the Standard Webhooks form: those bytes
+are the HMAC key). It is stored sealed (:mod:`batcher.secretbox`), made with the tenant's first key, and shown when
+a key is made and when it is rotated (:func:`rotate_secret`): then the previous secret keeps signing, next to the
+new one, for the overlap, so receivers can switch without missing a delivery. Revoking a tenant's last API key
+erases its secrets; its undelivered webhooks are then given up, and its next key brings a new secret. A secret
+from before revision 0006 (kept in the clear) is sealed by :func:`prepare_secrets` as ``whsec_`` + the base64 of
+its characters: the HMAC key stays the same bytes, so a receiver builds the new form from the secret it holds.
+
 A tenant's limits are checked at enqueue, inside the transaction that stores the jobs (see
 :func:`check_limits`): the most jobs it may have unsettled at once, and a monthly budget that the month's
 ledger spend plus the estimate of its unsettled jobs must not exceed. On PostgreSQL the check holds a
@@ -21,26 +29,29 @@ Errors::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from batcher.config import Settings
 from batcher.db.engine import Database
 from batcher.db.tables import api_keys, jobs, ledger, tenants
 from batcher.domain import JOB_ACTIVE, new_id, state_values
-from batcher.errors import BatcherError, InvalidInput, NotFound
+from batcher.errors import BatcherError, ConfigError, InvalidInput, NotFound
 from batcher.estimate import count_input_tokens, max_output_tokens, model_max_output
 from batcher.intake import SpecLike
 from batcher.pricing import PriceBook, TokenUsage, money
+from batcher.secretbox import SEALED_PREFIX, SecretBox, secret_box
 from batcher.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
@@ -51,6 +62,9 @@ SECRET_PREFIX = "whsec_"
 SHOWN_CHARS = 12
 #: a tenant's name: it prefixes its runs (``acme/nightly``), so no ``/``
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: how long a rotated-out secret keeps signing unless told otherwise, and the most it may
+DEFAULT_OVERLAP_S = 86400.0
+MAX_OVERLAP_S = 30 * 86400.0
 _ACTIVE = state_values(JOB_ACTIVE)
 
 
@@ -130,7 +144,6 @@ class Tenant:
     """A tenant and its limits (``None``: no limit)."""
 
     name: str
-    webhook_secret: str
     max_queued_jobs: int | None
     monthly_budget_usd: Decimal | None
 
@@ -156,6 +169,8 @@ class KeyInfo:
     admin: bool
     created_at: datetime
     revoked_at: datetime | None
+    #: (revoking) it was the tenant's last key, so the tenant's webhook secrets were erased
+    secret_erased: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +191,24 @@ class CreatedKey:
     tenant: str
     key: str
     webhook_secret: str
+
+
+@dataclass(frozen=True)
+class RotatedSecret:
+    """A tenant's new webhook secret, shown once; the previous one signs too until ``previous_valid_until``."""
+
+    tenant: str
+    webhook_secret: str
+    #: ``None``: rotated without an overlap (or there was no secret), only the new one signs
+    previous_valid_until: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        until = self.previous_valid_until
+        return {
+            "tenant": self.tenant,
+            "webhook_secret": self.webhook_secret,
+            "previous_valid_until": None if until is None else until.isoformat(),
+        }
 
 
 @dataclass(frozen=True)
@@ -209,7 +242,7 @@ def run_prefix(tenant: str) -> str:
 
 
 def _tenant(row: Mapping[Any, Any]) -> Tenant:
-    return Tenant(row["name"], row["webhook_secret"], row["max_queued_jobs"], row["monthly_budget_usd"])
+    return Tenant(row["name"], row["max_queued_jobs"], row["monthly_budget_usd"])
 
 
 async def get_tenant(conn: AsyncConnection, name: str) -> Tenant | None:
@@ -221,6 +254,7 @@ async def create_key(
     db: Database,
     tenant: str,
     *,
+    box: SecretBox,
     admin: bool = False,
     max_queued_jobs: int | None = UNSET,
     monthly_budget_usd: Decimal | None = UNSET,
@@ -228,6 +262,7 @@ async def create_key(
     """Make an API key for ``tenant``, creating the tenant (and its webhook secret) if it is new.
 
     Limits given here are set on the tenant; limits not given are left as they are (a new tenant has none).
+    ``box`` seals a new secret and opens the tenant's current one, which the answer carries.
 
     Raises:
         InvalidInput: a bad tenant name or limit.
@@ -242,7 +277,8 @@ async def create_key(
             db.insert(tenants)
             .values(
                 name=tenant,
-                webhook_secret=SECRET_PREFIX + secrets.token_urlsafe(32),
+                webhook_secret="",
+                secret_sealed=box.seal(new_webhook_secret(), context=tenant),
                 max_queued_jobs=None,
                 monthly_budget_usd=None,
                 created_at=now,
@@ -250,6 +286,7 @@ async def create_key(
             )
             .on_conflict_do_nothing(index_elements=["name"])
         )
+        secret = await _current_secret(conn, box, tenant, now)
         await _update_limits(conn, tenant, max_queued_jobs, monthly_budget_usd, now)
         await conn.execute(
             sa.insert(api_keys).values(
@@ -262,10 +299,8 @@ async def create_key(
                 revoked_at=None,
             )
         )
-        found = await get_tenant(conn, tenant)
-    assert found is not None
     logger.info("API key %s made for tenant %s", key_id, tenant)
-    return CreatedKey(key_id, tenant, key, found.webhook_secret)
+    return CreatedKey(key_id, tenant, key, secret)
 
 
 def _check_limits_values(max_queued_jobs: int | None, monthly_budget_usd: Decimal | None) -> None:
@@ -331,6 +366,9 @@ async def list_keys(db: Database, *, tenant: str | None = None) -> list[KeyInfo]
 async def revoke_key(db: Database, ref: str) -> KeyInfo:
     """Revoke a key named by its id, its shown prefix or the key itself. Revoking twice changes nothing.
 
+    Revoking the tenant's last unrevoked key erases its webhook secrets (``secret_erased`` says so): nothing is
+    left that signs for a tenant nobody can act for. Its next key gets a new secret.
+
     Raises:
         NotFound: no key matches.
         InvalidInput: the prefix matches several keys.
@@ -342,14 +380,46 @@ async def revoke_key(db: Database, ref: str) -> KeyInfo:
             raise NotFound(f"no API key {ref!r} (see `batcher keys list`)")
         if len(ids) > 1:
             raise InvalidInput(f"{ref!r} names {len(ids)} keys ({', '.join(ids)}); give one key id", field="key")
+        owner: str = (await conn.execute(sa.select(api_keys.c.tenant).where(api_keys.c.id == ids[0]))).scalar_one()
+        # one at a time per tenant, or two revokes of its last two keys would each see the other key still there
+        await _lock_tenant(conn, owner)
+        now = utcnow()
         await conn.execute(
-            sa.update(api_keys)
-            .where(api_keys.c.id == ids[0], api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
+            sa.update(api_keys).where(api_keys.c.id == ids[0], api_keys.c.revoked_at.is_(None)).values(revoked_at=now)
         )
         row = (await conn.execute(sa.select(api_keys).where(api_keys.c.id == ids[0]))).mappings().one()
+        active = await conn.scalar(
+            sa.select(api_keys.c.id).where(api_keys.c.tenant == owner, api_keys.c.revoked_at.is_(None)).limit(1)
+        )
+        erased = False
+        if active is None:
+            done = await conn.execute(
+                sa.update(tenants)
+                .where(
+                    tenants.c.name == owner,
+                    sa.or_(tenants.c.secret_sealed.is_not(None), tenants.c.webhook_secret != ""),
+                )
+                .values(
+                    webhook_secret="",
+                    secret_sealed=None,
+                    previous_secret_sealed=None,
+                    previous_secret_until=None,
+                    updated_at=now,
+                )
+            )
+            erased = done.rowcount == 1
     logger.info("API key %s of tenant %s revoked", row["id"], row["tenant"])
-    return KeyInfo(row["id"], row["tenant"], row["prefix"], row["admin"], row["created_at"], row["revoked_at"])
+    if erased:
+        logger.info("tenant %s has no API key left: its webhook secrets are erased", row["tenant"])
+    return KeyInfo(
+        row["id"],
+        row["tenant"],
+        row["prefix"],
+        row["admin"],
+        row["created_at"],
+        row["revoked_at"],
+        secret_erased=erased,
+    )
 
 
 async def authenticate(db: Database, key: str) -> Principal | None:
@@ -364,6 +434,168 @@ async def authenticate(db: Database, key: str) -> Principal | None:
     if row is None:
         return None
     return Principal(row["id"], bool(row["admin"]), row["revoked_at"] is not None, _tenant(row))
+
+
+# ------------------------------------------------------------------------------------------------ webhook secrets
+
+
+def new_webhook_secret() -> str:
+    """A new webhook secret: ``whsec_`` and the base64 of 32 random bytes (the HMAC key)."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def whsec_from_legacy(secret: str) -> str:
+    """A secret from before revision 0006 (its characters were the HMAC key) in ``whsec_`` form, same key."""
+    return SECRET_PREFIX + base64.b64encode(secret.encode()).decode()
+
+
+async def _lock_tenant(conn: AsyncConnection, name: str) -> None:
+    """Hold the tenant's row until the transaction ends (PostgreSQL; SQLite writers are one at a time anyway)."""
+    await conn.execute(sa.select(tenants.c.name).where(tenants.c.name == name).with_for_update())
+
+
+async def _current_secret(conn: AsyncConnection, box: SecretBox, tenant: str, now: datetime) -> str:
+    """The tenant's current secret, in the clear; made (or sealed from the pre-0006 column) when it has none."""
+    await _lock_tenant(conn, tenant)
+    row = (
+        (
+            await conn.execute(
+                sa.select(tenants.c.secret_sealed, tenants.c.webhook_secret).where(tenants.c.name == tenant)
+            )
+        )
+        .mappings()
+        .one()
+    )
+    if row["secret_sealed"] is not None:
+        return box.open(row["secret_sealed"], context=tenant)
+    secret = whsec_from_legacy(row["webhook_secret"]) if row["webhook_secret"] else new_webhook_secret()
+    await conn.execute(
+        sa.update(tenants)
+        .where(tenants.c.name == tenant)
+        .values(webhook_secret="", secret_sealed=box.seal(secret, context=tenant), updated_at=now)
+    )
+    return secret
+
+
+async def prepare_secrets(db: Database, settings: Settings, *, required: bool = True) -> SecretBox | None:
+    """At start-up, once migrated: the key of the webhook secrets, and the stored secrets made ready for it.
+
+    Secrets still in the clear (kept so before revision 0006) are sealed, in ``whsec_`` form with the same key
+    bytes; sealed ones are checked to be this key's, so a process given another key stops here, saying so,
+    instead of failing to sign every webhook.
+
+    Args:
+        db: the (migrated) database.
+        settings: where the key comes from (:func:`batcher.secretbox.secret_box`).
+        required: ``False`` for a worker: with no key to be had and no tenant in the database, there is nothing
+            to sign and ``None`` is returned.
+
+    Raises:
+        ConfigError: no key (PostgreSQL without ``BATCHER_SECRET_KEY``); a secret sealed with another key.
+    """
+    try:
+        box = secret_box(settings)
+    except ConfigError:
+        if required:
+            raise
+        async with db.engine.connect() as conn:
+            if await conn.scalar(sa.select(tenants.c.name).limit(1)) is None:
+                return None
+        raise
+    now = utcnow()
+    async with db.engine.connect() as conn:
+        legacy = [r[0] for r in await conn.execute(sa.select(tenants.c.name).where(tenants.c.webhook_secret != ""))]
+    for name in legacy:
+        async with db.engine.begin() as conn:
+            await _lock_tenant(conn, name)
+            row = (await conn.execute(sa.select(tenants).where(tenants.c.name == name))).mappings().one()
+            if not row["webhook_secret"]:
+                continue  # another process sealed it meanwhile
+            values: dict[str, Any] = {"webhook_secret": "", "updated_at": now}
+            if row["secret_sealed"] is None:
+                values["secret_sealed"] = box.seal(whsec_from_legacy(row["webhook_secret"]), context=name)
+            await conn.execute(sa.update(tenants).where(tenants.c.name == name).values(**values))
+        logger.info("sealed the webhook secret of tenant %s (kept in the clear before revision 0006)", name)
+    mine = f"{SEALED_PREFIX}{box.key_id}:%"
+    query = sa.select(tenants.c.name, tenants.c.secret_sealed, tenants.c.previous_secret_sealed).where(
+        sa.or_(
+            sa.and_(tenants.c.secret_sealed.is_not(None), tenants.c.secret_sealed.not_like(mine)),
+            sa.and_(tenants.c.previous_secret_sealed.is_not(None), tenants.c.previous_secret_sealed.not_like(mine)),
+        )
+    )
+    async with db.engine.connect() as conn:
+        other = (await conn.execute(query.limit(1))).mappings().first()
+    if other is not None:
+        for sealed in (other["secret_sealed"], other["previous_secret_sealed"]):
+            if sealed is not None:
+                box.open(sealed, context=other["name"])  # raises, naming both keys
+    return box
+
+
+async def signing_secrets(db: Database, box: SecretBox, names: Iterable[str], now: datetime) -> dict[str, list[str]]:
+    """The secrets that sign each tenant's webhooks at ``now``: its current one, then the previous one while its
+    overlap lasts. A tenant whose secrets were erased (its last key revoked) has none; one not found is left out.
+
+    Raises:
+        SealedSecretError: a secret does not open with ``box``.
+    """
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    query = sa.select(
+        tenants.c.name, tenants.c.secret_sealed, tenants.c.previous_secret_sealed, tenants.c.previous_secret_until
+    ).where(tenants.c.name.in_(wanted))
+    async with db.engine.connect() as conn:
+        rows = list((await conn.execute(query)).mappings())
+    found: dict[str, list[str]] = {}
+    for r in rows:
+        signing = [] if r["secret_sealed"] is None else [box.open(r["secret_sealed"], context=r["name"])]
+        until = r["previous_secret_until"]
+        if signing and r["previous_secret_sealed"] is not None and until is not None and until > now:
+            signing.append(box.open(r["previous_secret_sealed"], context=r["name"]))
+        found[r["name"]] = signing
+    return found
+
+
+async def rotate_secret(
+    db: Database, box: SecretBox, tenant: str, *, overlap_s: float = DEFAULT_OVERLAP_S, now: datetime | None = None
+) -> RotatedSecret:
+    """Give ``tenant`` a new webhook secret; the current one keeps signing, next to it, for ``overlap_s`` seconds.
+
+    A secret rotated out earlier stops signing at once (two sign at most). With ``overlap_s=0``, or a tenant whose
+    secret was erased, only the new one signs.
+
+    Raises:
+        NotFound: no such tenant.
+        InvalidInput: ``overlap_s`` is not between 0 and 30 days.
+    """
+    if not 0 <= overlap_s <= MAX_OVERLAP_S:
+        raise InvalidInput("the overlap must be between 0 and 30 days (in seconds: 0 to 2592000)", field="overlap_s")
+    now = now or utcnow()
+    secret = new_webhook_secret()
+    async with db.engine.begin() as conn:
+        await _lock_tenant(conn, tenant)
+        row = (
+            (await conn.execute(sa.select(tenants.c.secret_sealed).where(tenants.c.name == tenant))).mappings().first()
+        )
+        if row is None:
+            raise NotFound(f"no tenant {tenant!r} (make one with `batcher keys create --tenant {tenant}`)")
+        keep = row["secret_sealed"] is not None and overlap_s > 0
+        until = now + timedelta(seconds=overlap_s) if keep else None
+        await conn.execute(
+            sa.update(tenants)
+            .where(tenants.c.name == tenant)
+            .values(
+                webhook_secret="",
+                secret_sealed=box.seal(secret, context=tenant),
+                previous_secret_sealed=row["secret_sealed"] if keep else None,
+                previous_secret_until=until,
+                secret_rotated_at=now,
+                updated_at=now,
+            )
+        )
+    logger.info("webhook secret of tenant %s rotated (the previous one signs until %s)", tenant, until)
+    return RotatedSecret(tenant, secret, until)
 
 
 # ------------------------------------------------------------------------------------------------ limits

@@ -1,13 +1,17 @@
 """Webhooks: a settled job's result, or a settled run's summary, POSTed to its callback URL and signed.
 
-Every delivery carries::
+Signing follows Standard Webhooks (https://www.standardwebhooks.com, the scheme OpenAI's webhooks use), so any
+of its libraries verifies a delivery. Every delivery carries::
 
     Content-Type: application/json
     Batcher-Event: job.settled | run.settled
-    Batcher-Delivery: <delivery id>          (the same on every retry: receivers can drop repeats)
-    Batcher-Timestamp: <unix seconds>        (refuse old ones: replays)
-    Batcher-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>" keyed with the tenant's webhook secret>
+    webhook-id: <delivery id>                (the same on every retry: receivers can drop repeats)
+    webhook-timestamp: <unix seconds>        (refuse old ones)
+    webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">  [v1,<…> during a rotation]
 
+keyed with the base64-decoded part of the tenant's ``whsec_…`` secret. The id is signed, so a captured delivery
+sent again under another id does not verify. While a rotated-out secret still signs (``batcher.tenants``), the
+header holds one signature per secret, space-separated; a receiver holding either secret verifies.
 :func:`verify` checks all of that on the receiving side.
 
 The database drives it all, like the rest of batcher. :func:`schedule` turns what has settled into delivery
@@ -27,6 +31,8 @@ later resolves inward is caught too. Redirects are not followed.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -34,7 +40,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,14 +52,16 @@ import sqlalchemy as sa
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from batcher import tenants as tenant_secrets
 from batcher.api.views import DELIVERY_COLUMNS, JOB_COLUMNS, delivery_json, job_costs, job_json, public_run
 from batcher.config import Settings
 from batcher.db import queries
 from batcher.db.engine import Database
-from batcher.db.tables import idempotency_keys, jobs, tenant_runs, tenants, webhook_deliveries
+from batcher.db.tables import idempotency_keys, jobs, tenant_runs, webhook_deliveries
 from batcher.domain import JOB_ACTIVE, new_id, state_values
-from batcher.errors import BatcherError, InvalidInput, NotFound
+from batcher.errors import BatcherError, ConfigError, InvalidInput, NotFound
 from batcher.ledger import savings
+from batcher.secretbox import SecretBox, secret_box
 from batcher.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
@@ -61,6 +69,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DELIVERY_HEADER",
     "EVENT_HEADER",
+    "ID_HEADER",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "InvalidSignature",
@@ -69,13 +78,18 @@ __all__ = [
     "schedule",
     "send_due",
     "sign",
+    "signature_header",
     "verify",
 ]
 
-SIGNATURE_HEADER = "Batcher-Signature"
-TIMESTAMP_HEADER = "Batcher-Timestamp"
-DELIVERY_HEADER = "Batcher-Delivery"
+#: Standard Webhooks' headers
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
+#: the delivery id travels as the ``webhook-id``
+DELIVERY_HEADER = ID_HEADER
 EVENT_HEADER = "Batcher-Event"
+SECRET_PREFIX = "whsec_"
 USER_AGENT = "batcher-webhooks/1"
 JOB_SETTLED = "job.settled"
 RUN_SETTLED = "run.settled"
@@ -172,10 +186,31 @@ class PublicResolver(AbstractResolver):
 # ------------------------------------------------------------------------------------------------ signatures
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The ``Batcher-Signature`` value for ``body`` sent at ``timestamp`` (unix seconds)."""
-    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"v1={mac}"
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` secret (the prefix is optional, as Standard Webhooks has it).
+
+    Raises:
+        InvalidSignature: the secret is not base64 after its prefix (the message does not repeat it).
+    """
+    encoded = secret.strip().removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidSignature("the webhook secret is not a whsec_<base64> secret") from None
+    if not key:
+        raise InvalidSignature("the webhook secret is empty")
+    return key
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """One ``webhook-signature`` entry: ``v1,`` + base64 HMAC-SHA256 of ``"<id>.<timestamp>.<body>"``."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(signing_key(secret), signed, hashlib.sha256).digest()).decode()
+
+
+def signature_header(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: one entry per secret that signs, space-separated."""
+    return " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets)
 
 
 def verify(
@@ -186,10 +221,12 @@ def verify(
     tolerance_s: float = 300.0,
     now_s: float | None = None,
 ) -> None:
-    """Check a received webhook: its signature over timestamp and body, and that the timestamp is recent.
+    """Check a received webhook: its signature over id, timestamp and body, and that the timestamp is recent.
+
+    The same check as any Standard Webhooks library's (``standardwebhooks.Webhook(secret).verify``).
 
     Args:
-        secret: the tenant's webhook secret (``batcher keys create --json`` prints it).
+        secret: the tenant's webhook secret, ``whsec_…`` (``batcher keys create --json`` prints it).
         body: the request body exactly as received.
         headers: the request headers (any mapping; names as sent).
         tolerance_s: how old (or how far ahead) a timestamp may be.
@@ -199,10 +236,11 @@ def verify(
         InvalidSignature: a header is missing, the signature differs, or the timestamp is out of tolerance.
     """
     lowered = {k.lower(): v for k, v in headers.items()}
-    stamp = lowered.get(TIMESTAMP_HEADER.lower())
-    given = lowered.get(SIGNATURE_HEADER.lower())
-    if stamp is None or given is None:
-        raise InvalidSignature(f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER}")
+    msg_id = lowered.get(ID_HEADER)
+    stamp = lowered.get(TIMESTAMP_HEADER)
+    given = lowered.get(SIGNATURE_HEADER)
+    if not (msg_id and stamp and given):
+        raise InvalidSignature(f"missing {ID_HEADER}, {TIMESTAMP_HEADER} or {SIGNATURE_HEADER}")
     try:
         timestamp = int(stamp)
     except ValueError:
@@ -210,7 +248,8 @@ def verify(
     now = time.time() if now_s is None else now_s
     if abs(now - timestamp) > tolerance_s:
         raise InvalidSignature(f"{TIMESTAMP_HEADER} is {now - timestamp:.0f} s off: a replay, or a skewed clock")
-    if not any(hmac.compare_digest(sign(secret, timestamp, body), part.strip()) for part in given.split(",")):
+    expected = sign(secret, msg_id, timestamp, body).encode()
+    if not any(hmac.compare_digest(expected, part.encode()) for part in given.split(" ") if part):
         raise InvalidSignature("the signature does not match")
 
 
@@ -464,16 +503,41 @@ async def _claim(db: Database, settings: Settings, now: datetime) -> list[dict[s
             webhook_deliveries.c.created_at,
         )
     )
+    # the key before the claim: a worker without it (PostgreSQL, BATCHER_SECRET_KEY unset) uses up no attempt
+    try:
+        box = secret_box(settings)
+    except ConfigError:
+        pending = webhook_deliveries.c.state == "pending", webhook_deliveries.c.next_attempt_at <= now
+        async with db.engine.connect() as conn:
+            if await conn.scalar(sa.select(webhook_deliveries.c.id).where(*pending).limit(1)) is None:
+                return []
+        raise
     async with db.engine.begin() as conn:
         claimed = [dict(r) for r in (await conn.execute(claim)).mappings()]
-        names = sorted({c["tenant"] for c in claimed})
-        found = {}
-        if names:
-            query = sa.select(tenants.c.name, tenants.c.webhook_secret).where(tenants.c.name.in_(names))
-            found = {name: secret for name, secret in await conn.execute(query)}
+    found, broken = await _signing_secrets(db, box, {c["tenant"] for c in claimed}, now)
     for c in claimed:
-        c["secret"] = found[c["tenant"]]
+        c["secrets"] = found.get(c["tenant"], [])
+        c["secret_error"] = broken.get(c["tenant"])
     return claimed
+
+
+async def _signing_secrets(
+    db: Database, box: SecretBox, names: set[str], now: datetime
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Each tenant's signing secrets, and what is wrong with those that do not open (one bad row stops no other)."""
+    try:
+        return await tenant_secrets.signing_secrets(db, box, names, now), {}
+    except ConfigError:
+        pass
+    found: dict[str, list[str]] = {}
+    broken: dict[str, str] = {}
+    for name in sorted(names):
+        try:
+            found |= await tenant_secrets.signing_secrets(db, box, [name], now)
+        except ConfigError as exc:
+            logger.error("webhooks of tenant %s are not sent: %s", name, exc)
+            broken[name] = str(exc)
+    return found, broken
 
 
 async def post(session: aiohttp.ClientSession, delivery: Mapping[str, Any], *, allow_private: bool) -> Attempt:
@@ -482,14 +546,20 @@ async def post(session: aiohttp.ClientSession, delivery: Mapping[str, Any], *, a
     host = urlsplit(url).hostname or ""
     if not allow_private and _literal(host) and not _public(host):
         return Attempt(False, error=f"refused: {host} is not a public address", final=True)
+    if delivery.get("secret_error"):
+        return Attempt(False, error=f"not signed: {delivery['secret_error']}")
+    if not delivery["secrets"]:
+        return Attempt(
+            False, error=f"tenant {delivery['tenant']} has no webhook secret (its last key was revoked)", final=True
+        )
     body = delivery["payload"].encode()
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
         EVENT_HEADER: delivery["event"],
-        DELIVERY_HEADER: delivery["id"],
+        ID_HEADER: delivery["id"],
         TIMESTAMP_HEADER: str(timestamp),
-        SIGNATURE_HEADER: sign(delivery["secret"], timestamp, body),
+        SIGNATURE_HEADER: signature_header(delivery["secrets"], delivery["id"], timestamp, body),
     }
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:

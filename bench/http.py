@@ -16,6 +16,7 @@ Quick: 3 turns of 2,000 single POSTs, 2 bulk POSTs. Full: 5 turns of 5,000 singl
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import socket
@@ -47,6 +48,8 @@ CONCURRENCY = 64
 BULK_JOBS = 10_000
 MODEL = "gpt-4o-mini"
 ROOT = Path(__file__).resolve().parents[1]
+#: seals the bench tenant's webhook secret (the server and the key maker share it; the databases are throwaway)
+BENCH_SECRET_KEY = base64.b64encode(os.urandom(32)).decode()
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -137,6 +140,7 @@ async def server(kind: str, database_url: str | None = None) -> AsyncIterator[st
     else:
         assert database_url is not None
         env["BATCHER_DATABASE_URL"] = database_url
+        env["BATCHER_SECRET_KEY"] = BENCH_SECRET_KEY
         cmd = [str(Path(sys.executable).with_name("batcher")), "api", "--port", str(port)]
     proc = _spawn(cmd, env)
     url = f"http://127.0.0.1:{port}"
@@ -167,11 +171,14 @@ def _remove_sqlite(path: Path) -> None:
 
 async def _key(database_url: str) -> str:
     from batcher import tenants
+    from batcher.config import Settings
     from batcher.db.engine import Database
+    from batcher.secretbox import secret_box
 
     db = Database(database_url)
+    box = secret_box(Settings(database_url=database_url, secret_key=BENCH_SECRET_KEY))
     try:
-        return (await tenants.create_key(db, "bench")).key
+        return (await tenants.create_key(db, "bench", box=box)).key
     finally:
         await db.aclose()
 

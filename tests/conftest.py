@@ -27,6 +27,9 @@ REQUIRE_POSTGRES = os.environ.get("BATCHER_TEST_REQUIRE_POSTGRES") == "1"
 ENGINES = ["sqlite", "postgres"]
 
 _KEEP = ("BATCHER_TEST_",)
+#: the webhook-secret key of PostgreSQL tests (a PostgreSQL deployment must set one); SQLite tests use the key file
+#: batcher makes next to the database
+TEST_SECRET_KEY = "dGVzdHMtb25seS1rZXktMDEyMzQ1Njc4OWFiY2RlZiE="
 
 
 @pytest.fixture(autouse=True)
@@ -77,12 +80,13 @@ async def postgres_database() -> AsyncIterator[str]:
 
 
 @pytest.fixture(params=ENGINES)
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """An empty database URL, once per engine."""
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """An empty database URL, once per engine (PostgreSQL with ``BATCHER_SECRET_KEY`` set, as deployed)."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'batcher.db'}"
         return
     async with postgres_database() as url:
+        monkeypatch.setenv("BATCHER_SECRET_KEY", TEST_SECRET_KEY)
         yield url
 
 
@@ -104,9 +108,10 @@ async def db(db_url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
+async def pg_url(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     """For tests of what only PostgreSQL does (row locks between workers): a fresh database URL."""
     async with postgres_database() as url:
+        monkeypatch.setenv("BATCHER_SECRET_KEY", TEST_SECRET_KEY)
         yield url
 
 

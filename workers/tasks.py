@@ -23,6 +23,7 @@ from batcher.errors import ConfigError
 from batcher.lifecycle import Pipeline
 from batcher.providers.registry import accounts, build_adapters, close_adapters, keyless_accounts
 from batcher.recovery import WorkerLock
+from batcher.tenants import prepare_secrets
 from batcher.timeutil import utcnow
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ async def startup(ctx: Ctx) -> None:
     On SQLite, take the one-worker lock first.
 
     Raises:
-        ConfigError: another worker already runs on this SQLite database; no provider account has an API key.
+        ConfigError: another worker already runs on this SQLite database; no provider account has an API key; the
+            database has tenants but this worker has no key for their webhook secrets.
     """
     given: Pipeline | None = ctx.get("pipeline")
     settings: Settings = ctx.get("settings") or (given.settings if given is not None else Settings())
@@ -58,6 +60,9 @@ async def startup(ctx: Ctx) -> None:
     db = Database(settings.database_url)
     try:
         await migrate.upgrade(db.engine)
+        # webhooks are signed with the tenants' sealed secrets: without the key (PostgreSQL, BATCHER_SECRET_KEY
+        # unset) a database that has tenants is refused here, one without needs none
+        await prepare_secrets(db, settings, required=False)
     except BaseException:
         await db.aclose()
         lock.release()

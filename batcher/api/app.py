@@ -21,8 +21,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import ValidationError
 
+from batcher.api import admin, ops, runs
 from batcher.api import jobs as job_routes
-from batcher.api import ops, runs
 from batcher.api.auth import KeyCache, authenticate
 from batcher.api.enqueue import Enqueuer
 from batcher.api.errors import ApiError, from_validation
@@ -35,7 +35,7 @@ from batcher.db.engine import Database
 from batcher.errors import ConfigError, InvalidInput, NotFound, ProviderError, StateConflict
 from batcher.pricing import PriceBook, load_overrides
 from batcher.providers import registry
-from batcher.tenants import OverBudget, TooManyQueued, UnpricedUnderBudget
+from batcher.tenants import OverBudget, TooManyQueued, UnpricedUnderBudget, prepare_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ __all__ = ["ROUTES", "create_app", "run_api", "serve_api"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ROUTES: list[Route] = [*job_routes.ROUTES, *runs.ROUTES, *ops.ROUTES]
+ROUTES: list[Route] = [*job_routes.ROUTES, *runs.ROUTES, *ops.ROUTES, *admin.ROUTES]
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -174,6 +174,8 @@ def create_app(settings: Settings | None = None, *, migrate_db: bool = True) -> 
     async def on_startup(_app: web.Application) -> None:
         if options.migrate:
             await migrate.upgrade(db.engine)
+        # the webhook secrets' key (PostgreSQL: BATCHER_SECRET_KEY or no start), and any pre-0006 secret sealed
+        await prepare_secrets(db, settings)
         state.enqueuer.start()
 
     async def on_cleanup(_app: web.Application) -> None:

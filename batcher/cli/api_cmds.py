@@ -27,7 +27,7 @@ from batcher.cli.app import (
 from batcher.config import Settings
 from batcher.db import migrate
 from batcher.db.engine import Database
-from batcher.timeutil import utcnow
+from batcher.timeutil import parse_duration, utcnow
 
 T = TypeVar("T")
 
@@ -105,7 +105,13 @@ def keys_create(
     """Make an API key. It is printed once, here; only its hash is stored."""
     settings = load_settings()
     limits = _limits(max_queued, budget)
-    made = _with_db(settings, lambda db: tenants.create_key(db, tenant, admin=admin, **limits))
+
+    async def _create(db: Database) -> tenants.CreatedKey:
+        box = await tenants.prepare_secrets(db, settings)
+        assert box is not None
+        return await tenants.create_key(db, tenant, box=box, admin=admin, **limits)
+
+    made = _with_db(settings, _create)
     if json_out:
         print_json({"tenant": made.tenant, "key": made.key, "webhook_secret": made.webhook_secret})
         return
@@ -156,13 +162,22 @@ def keys_revoke(
     key: str = typer.Argument(..., metavar="KEY", help="The key's id, its first characters as listed, or the key."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Revoke a key: the API refuses it from now on (within BATCHER_API_AUTH_CACHE_S seconds on running APIs)."""
+    """Revoke a key: the API refuses it from now on (within BATCHER_API_AUTH_CACHE_S seconds on running APIs).
+
+    Revoking a tenant's last key erases its webhook secrets; its next key gets a new one.
+    """
     settings = load_settings()
     revoked = _with_db(settings, lambda db: tenants.revoke_key(db, key))
     if json_out:
-        print_json(revoked.to_json())
+        print_json(revoked.to_json() | {"webhook_secret_erased": revoked.secret_erased})
         return
-    console.print(f"revoked key {revoked.id} of tenant {revoked.tenant}")
+    console.print(f"revoked key {revoked.id} of tenant {revoked.tenant}", highlight=False)
+    if revoked.secret_erased:
+        console.print(
+            f"it was the tenant's last key: its webhook secret is erased and its undelivered webhooks are given up "
+            f"(a new key for {revoked.tenant} gets a new secret)",
+            highlight=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ tenants
@@ -209,6 +224,52 @@ def tenants_set(
     queued = "no limit" if found.max_queued_jobs is None else f"{found.max_queued_jobs:,}"
     budget = "none" if found.monthly_budget_usd is None else f"${found.monthly_budget_usd:,.2f}"
     console.print(f"tenant {found.name}: max queued jobs {queued}, monthly budget {budget}", highlight=False)
+
+
+def _overlap_s(value: str) -> float:
+    try:
+        seconds = parse_duration(value).total_seconds()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--overlap") from None
+    if seconds > tenants.MAX_OVERLAP_S:
+        raise typer.BadParameter("at most 30 days", param_hint="--overlap")
+    return seconds
+
+
+@tenants_app.command("rotate-secret")
+def tenants_rotate_secret(
+    tenant: str = typer.Argument(..., metavar="TENANT"),
+    overlap: str = typer.Option(
+        "24h", "--overlap", help="How long the current secret keeps signing next to the new one (0: not at all)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help='Print {"tenant", "webhook_secret", "previous_valid_until"}.'),
+) -> None:
+    """Give a tenant a new webhook secret, printed once. Webhooks carry both signatures during the overlap."""
+    settings = load_settings()
+    overlap_s = _overlap_s(overlap)
+
+    async def _rotate(db: Database) -> tenants.RotatedSecret:
+        box = await tenants.prepare_secrets(db, settings)
+        assert box is not None
+        return await tenants.rotate_secret(db, box, tenant, overlap_s=overlap_s, now=utcnow())
+
+    rotated = _with_db(settings, _rotate)
+    if json_out:
+        print_json(rotated.to_json())
+        return
+    console.print(f"tenant         {rotated.tenant}", highlight=False)
+    console.print(f"webhook secret {rotated.webhook_secret}", highlight=False)
+    if rotated.previous_valid_until is None:
+        err_console.print(
+            "The previous secret no longer signs. The new one is shown only now; give it to the receiver."
+        )
+    else:
+        until = rotated.previous_valid_until.strftime("%Y-%m-%d %H:%M:%S UTC")
+        err_console.print(
+            f"The previous secret signs too until {until}; give the receiver the new one before then. "
+            "The new one is shown only now.",
+            highlight=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ webhooks

@@ -269,8 +269,16 @@ class Tenant(Base):
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    #: signs its webhooks (HMAC-SHA256); kept in the clear because signing needs it
-    webhook_secret: Mapped[str] = mapped_column(sa.String(128))
+    #: the webhook secret in the clear, as revisions before 0006 kept it; emptied (``''``) once sealed into
+    #: ``secret_sealed`` (at the first start with the key after upgrading), never read otherwise
+    webhook_secret: Mapped[str] = mapped_column(sa.String(128), default="")
+    #: the webhook secret (``whsec_…``) that signs its webhooks, sealed (``batcher.secretbox``); ``None`` once its
+    #: last API key is revoked
+    secret_sealed: Mapped[str | None] = mapped_column(sa.String(512))
+    #: the secret before the last rotation, sealed: it signs too until ``previous_secret_until``
+    previous_secret_sealed: Mapped[str | None] = mapped_column(sa.String(512))
+    previous_secret_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    secret_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: most jobs not yet settled at once; ``None``: no limit
     max_queued_jobs: Mapped[int | None] = mapped_column(sa.Integer)
     #: dollars per calendar month (UTC), ledger spend plus the estimate of unsettled jobs; ``None``: no budget

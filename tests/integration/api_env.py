@@ -21,6 +21,7 @@ from batcher.db import migrate
 from batcher.db.engine import Database
 from batcher.db.tables import jobs, ledger
 from batcher.domain import JobState
+from batcher.secretbox import secret_box
 from batcher.timeutil import utcnow
 
 TENANTS = ("acme", "globex")
@@ -175,7 +176,7 @@ async def api_env(db_url: str, **settings: Any) -> AsyncIterator[ApiEnv]:
     try:
         env = ApiEnv("", db, config)
         for name in TENANTS:
-            made = await tenants.create_key(db, name, admin=name == "acme")
+            made = await tenants.create_key(db, name, box=secret_box(config), admin=name == "acme")
             env.keys[name] = made.key
             env.secrets[name] = made.webhook_secret
         async with serve_api(config, migrate_db=False) as url, aiohttp.ClientSession() as http:

@@ -17,9 +17,11 @@ from batcher import tenants
 from batcher.api.app import ROUTES
 from batcher.api.auth import KeyCache
 from batcher.api.models import BulkAccepted, JobAccepted, JobOut, JobPage, ResultLine, RunOut, SavingsOut
+from batcher.config import Settings
 from batcher.db.engine import Database
 from batcher.db.tables import idempotency_keys, jobs
 from batcher.domain import JobState
+from batcher.secretbox import secret_box
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ async def test_missing_wrong_and_revoked_keys_answer_401(env: ApiEnv) -> None:
     assert (await env.post_job(chat(), key="bk_nope")).status == 401
     assert await env.count() == 0
 
-    made = await tenants.create_key(env.db, "acme")
+    made = await tenants.create_key(env.db, "acme", box=secret_box(env.settings))
     assert (await env.call("GET", "/v1/jobs", key=made.key)).status == 200
     await tenants.revoke_key(env.db, made.id)
     revoked = await env.call("GET", "/v1/jobs", key=made.key)
@@ -61,7 +63,7 @@ async def test_missing_wrong_and_revoked_keys_answer_401(env: ApiEnv) -> None:
 
 
 async def test_concurrent_misses_of_one_key_share_one_lookup(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    made = await tenants.create_key(db, "acme")
+    made = await tenants.create_key(db, "acme", box=secret_box(Settings(database_url=db.url)))
     real = tenants.authenticate
     lookups = 0
     answer = asyncio.Event()

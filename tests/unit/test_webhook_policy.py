@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from batcher.config import Settings
 from batcher.webhooks import (
+    ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     Attempt,
@@ -18,37 +21,68 @@ from batcher.webhooks import (
     next_state,
     retry_delay_s,
     sign,
+    signature_header,
     verify,
 )
 
-SECRET = "whsec_test"
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+OTHER = "whsec_" + base64.b64encode(b"o" * 32).decode()
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
-def test_signature_is_hmac_sha256_over_timestamp_dot_body() -> None:
-    body = b'{"event":"job.settled"}'
-    expected = hmac.new(SECRET.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert sign(SECRET, 1700000000, body) == f"v1={expected}"
+def test_signature_is_the_standard_webhooks_one() -> None:
+    # the Standard Webhooks / Svix test vector
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"test": 2432232314}'
+    assert sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == (
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
+    key = base64.b64decode(SECRET.removeprefix("whsec_"))
+    mac = hmac.new(key, b"d1.1700000000." + body, hashlib.sha256).digest()
+    assert sign(SECRET, "d1", 1700000000, body) == "v1," + base64.b64encode(mac).decode()
 
 
 def test_verify_accepts_fresh_signatures_and_refuses_the_rest() -> None:
     body = b"{}"
-    headers = {TIMESTAMP_HEADER: "1700000000", SIGNATURE_HEADER: sign(SECRET, 1700000000, body)}
+    headers = {ID_HEADER: "d1", TIMESTAMP_HEADER: "1700000000", SIGNATURE_HEADER: sign(SECRET, "d1", 1700000000, body)}
     verify(SECRET, body, headers, now_s=1700000100)
-    verify(SECRET, body, {k.lower(): v for k, v in headers.items()}, now_s=1700000000)
+    verify(SECRET, body, {k.upper(): v for k, v in headers.items()}, now_s=1700000000)
     with pytest.raises(InvalidSignature, match="off"):
         verify(SECRET, body, headers, now_s=1700000000 + 301)  # a replay
     with pytest.raises(InvalidSignature, match="does not match"):
         verify(SECRET, b"{ }", headers, now_s=1700000000)
     with pytest.raises(InvalidSignature, match="does not match"):
-        verify("other", body, headers, now_s=1700000000)
+        verify(OTHER, body, headers, now_s=1700000000)
     with pytest.raises(InvalidSignature, match="does not match"):
         # the timestamp is signed too: moving it breaks the signature
         verify(SECRET, body, headers | {TIMESTAMP_HEADER: "1700000001"}, now_s=1700000000)
+    with pytest.raises(InvalidSignature, match="does not match"):
+        # and so is the id: a captured delivery replayed under a new id is refused
+        verify(SECRET, body, headers | {ID_HEADER: "d2"}, now_s=1700000000)
     with pytest.raises(InvalidSignature, match="missing"):
-        verify(SECRET, body, {TIMESTAMP_HEADER: "1700000000"}, now_s=1700000000)
+        verify(SECRET, body, {TIMESTAMP_HEADER: "1700000000", SIGNATURE_HEADER: "v1,x"}, now_s=1700000000)
     with pytest.raises(InvalidSignature, match="unix seconds"):
         verify(SECRET, body, headers | {TIMESTAMP_HEADER: "soon"}, now_s=1700000000)
+    with pytest.raises(InvalidSignature, match="whsec_"):
+        verify("not base64 !", body, headers, now_s=1700000000)
+
+
+def test_signatures_of_two_secrets_verify_with_either_and_with_standardwebhooks() -> None:
+    body = b'{"event":"job.settled"}'
+    now = int(datetime.now(UTC).timestamp())
+    header = signature_header([SECRET, OTHER], "d1", now, body)
+    assert header.count("v1,") == 2 and " " in header
+    headers = {ID_HEADER: "d1", TIMESTAMP_HEADER: str(now), SIGNATURE_HEADER: header}
+    for secret in (SECRET, OTHER):
+        verify(secret, body, headers)
+        assert Webhook(secret).verify(body, headers) == {"event": "job.settled"}
+    third = "whsec_" + base64.b64encode(b"t" * 32).decode()
+    with pytest.raises(InvalidSignature):
+        verify(third, body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(third).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(body, headers | {ID_HEADER: "d2"})
 
 
 @pytest.mark.parametrize(
