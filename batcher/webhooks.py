@@ -23,9 +23,13 @@ the next attempt), POSTs them with no transaction open, and records each outcome
 A failed attempt is retried with exponential backoff until ``webhook_give_up_s`` (24 h) after scheduling.
 
 Callback URLs must be http(s). Private, loopback, link-local and other non-global addresses are refused
-unless ``BATCHER_WEBHOOK_ALLOW_PRIVATE=true`` — literal addresses when the URL is given, and every address a
-host name resolves to when it is sent (the connection only goes to addresses that passed), so a name that
-later resolves inward is caught too. Redirects are not followed.
+unless ``BATCHER_WEBHOOK_ALLOW_PRIVATE=true``. The host is read as aiohttp will read it (yarl's IDNA
+normalisation turns ``１２７.０.０.１`` into ``127.0.0.1``), an IP literal in any notation the resolver takes
+(``2130706433``, ``0x7f.0.0.1``, ``127.1``, ``0``, IPv4-mapped, NAT64, 6to4, Teredo) is refused when the URL is
+given, and when a delivery is sent the resolver keeps only public addresses and the connector makes a socket
+only for a public one — the address actually connected to, whatever the name. A refusal fails the delivery at
+once; it is never retried. Redirects are not followed, and the receiver's answer is never read or shown: a
+failed attempt keeps its status code and a fixed reason.
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 import sqlalchemy as sa
+from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 from batcher import tenants as tenant_secrets
 from batcher.api.views import DELIVERY_COLUMNS, JOB_COLUMNS, delivery_json, job_costs, job_json, public_run
@@ -97,8 +102,6 @@ RUN_SETTLED = "run.settled"
 SCHEDULE_CHUNK = 500
 #: a claim outlives the send's timeout by this much before another sender may take the delivery
 CLAIM_MARGIN_S = 30.0
-#: characters of a receiver's answer kept in ``last_error``
-ERROR_CHARS = 300
 _ACTIVE = state_values(JOB_ACTIVE)
 _LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
@@ -114,54 +117,112 @@ class InvalidSignature(BatcherError):
 # ------------------------------------------------------------------------------------------------ URL policy
 
 
-def _public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: NAT64 prefixes (RFC 6052, RFC 8215): the last 32 bits are the IPv4 address a translator connects to
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+#: the characters of the IPv4 forms inet_aton takes besides dotted decimal (2130706433, 0x7f.0.0.1, 0177.1, 127.1)
+_INET_ATON_CHARS = frozenset("0123456789abcdefxABCDEFX.")
 
 
-def _literal(host: str) -> bool:
+def callback_host(url: str) -> str:
+    """The host of ``url`` as the HTTP client sends to it: yarl's parse, IDNA-normalised (full-width and other
+    Unicode digits become ASCII ones), lower-case, without brackets.
+
+    Raises:
+        ValueError: not a URL yarl can parse.
+    """
+    host = URL(url).raw_host
+    return (host or "").lower()
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address ``host`` names when it is an IP literal in any notation the system's resolver takes — dotted,
+    decimal, octal, hex or short IPv4, IPv6 with a zone — else ``None`` (a host name)."""
+    bare = host.strip("[]").split("%", 1)[0].rstrip(".")
+    if not bare:
+        return None
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+        return ipaddress.ip_address(bare)
     except ValueError:
-        return False
-    return True
+        pass
+    if set(bare) <= _INET_ATON_CHARS:
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(bare))
+        except OSError:
+            return None
+    return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address leads to: IPv4-mapped, IPv4-compatible, NAT64, 6to4 and Teredo."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if any(ip in net for net in _NAT64) or (int(ip) >> 32 == 0 and int(ip) > 1):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
+def is_public(address: str | IPAddress) -> bool:
+    """Whether an address is one callbacks may reach: globally routable, not multicast, and every IPv4 address
+    it embeds (IPv4-mapped, NAT64, 6to4, Teredo) the same."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
+    candidates: list[IPAddress] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        candidates.extend(_embedded_ipv4(ip))
+    return all(c.is_global and not c.is_multicast for c in candidates)
+
+
+def _local_name(host: str) -> bool:
+    name = host.rstrip(".")
+    return name in _LOCAL_NAMES or name.endswith(".localhost")
 
 
 def check_callback_url(url: str, *, allow_private: bool) -> str:
     """Check a callback URL when it is given: http(s), a host, and no private address (unless allowed).
 
-    A host name is checked again, resolved, when a delivery is sent.
+    The host is read as the HTTP client will read it (:func:`callback_host`), and an IP literal in any notation
+    (:func:`ip_literal`) must be public. A host name is checked again when a delivery is sent, on every address
+    it resolves to and on the address actually connected to.
 
     Raises:
         ValueError: what is wrong (pydantic names the field).
     """
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
+        parts = URL(url)
+        host = callback_host(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError("must be an http:// or https:// URL")
     if not host:
         raise ValueError("has no host")
     if not allow_private:
-        if _literal(host) and not _public(host):
+        literal = ip_literal(host)
+        if literal is not None and not is_public(literal):
             raise ValueError(
-                f"{host} is a private, loopback or reserved address; callbacks go to public addresses "
-                "(BATCHER_WEBHOOK_ALLOW_PRIVATE=true allows others)"
+                f"{host} is the address {literal}, a private, loopback or reserved one; callbacks go to public "
+                "addresses (BATCHER_WEBHOOK_ALLOW_PRIVATE=true allows others)"
             )
-        if host.lower().rstrip(".") in _LOCAL_NAMES or host.lower().rstrip(".").endswith(".localhost"):
+        if _local_name(host):
             raise ValueError(f"{host} is the local machine; callbacks go to public addresses")
     return url
+
+
+class AddressRefused(OSError):
+    """A delivery's connection would go to an address callbacks may not reach."""
 
 
 class PublicResolver(AbstractResolver):
     """Resolves as usual, then keeps only public addresses (all of them when private ones are allowed).
 
-    aiohttp connects only to what the resolver returns, so the check and the connection use the same address.
+    aiohttp connects only to what the resolver returns; :func:`public_socket` checks the address again as the
+    socket is connected, which also covers hosts aiohttp never resolves (IP literals).
     """
 
     def __init__(self, *, allow_private: bool) -> None:
@@ -174,13 +235,25 @@ class PublicResolver(AbstractResolver):
         found = await self._inner.resolve(host, port, family)
         if self.allow_private:
             return found
-        public = [r for r in found if _public(r["host"])]
+        public = [r for r in found if is_public(r["host"])]
         if not public:
             raise CallbackRefused(f"{host} resolves only to private or reserved addresses")
         return public
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def public_socket(addr_info: AddrInfoType) -> socket.socket:
+    """A socket for aiohttp's connector, made only when the address it will connect to is public.
+
+    Raises:
+        AddressRefused: the address is private, loopback, link-local or reserved.
+    """
+    family, type_, proto, _, sockaddr = addr_info
+    if not is_public(str(sockaddr[0])):
+        raise AddressRefused(f"{sockaddr[0]} is not a public address")
+    return socket.socket(family=family, type=type_, proto=proto)
 
 
 # ------------------------------------------------------------------------------------------------ signatures
@@ -463,6 +536,7 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
     """An HTTP session for deliveries: the address policy in its resolver, no proxies from the environment."""
     connector = aiohttp.TCPConnector(
         resolver=PublicResolver(allow_private=settings.webhook_allow_private),
+        socket_factory=None if settings.webhook_allow_private else public_socket,
         limit=settings.webhook_concurrency,
         ttl_dns_cache=None,
         use_dns_cache=False,
@@ -543,9 +617,14 @@ async def _signing_secrets(
 async def post(session: aiohttp.ClientSession, delivery: Mapping[str, Any], *, allow_private: bool) -> Attempt:
     """POST one delivery, signed now. Never raises for the receiver's failures: they are the outcome."""
     url = delivery["url"]
-    host = urlsplit(url).hostname or ""
-    if not allow_private and _literal(host) and not _public(host):
-        return Attempt(False, error=f"refused: {host} is not a public address", final=True)
+    if not allow_private:
+        try:
+            host = callback_host(url)
+        except ValueError:
+            return Attempt(False, error="refused: not a valid URL", final=True)
+        literal = ip_literal(host)
+        if (literal is not None and not is_public(literal)) or _local_name(host):
+            return Attempt(False, error=f"refused: {host} is not a public address", final=True)
     if delivery.get("secret_error"):
         return Attempt(False, error=f"not signed: {delivery['secret_error']}")
     if not delivery["secrets"]:
@@ -563,20 +642,27 @@ async def post(session: aiohttp.ClientSession, delivery: Mapping[str, Any], *, a
     }
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+            # the receiver's body is never read: what it says is not the tenant's to see (it may be a service
+            # on the operator's network); the status and a fixed reason are kept
             if 200 <= resp.status < 300:
                 return Attempt(True, status=resp.status)
-            text = (await resp.content.read(ERROR_CHARS)).decode(errors="replace")
-            return Attempt(False, status=resp.status, error=f"HTTP {resp.status}: {text}".strip())
+            return Attempt(False, status=resp.status, error=f"the receiver answered HTTP {resp.status}")
     except CallbackRefused as exc:
         return Attempt(False, error=f"refused: {exc}", final=True)
     except aiohttp.ClientConnectorError as exc:
-        if isinstance(exc.os_error, CallbackRefused):
-            return Attempt(False, error=f"refused: {exc.os_error}", final=True)
-        return Attempt(False, error=f"cannot connect: {exc.os_error or exc}")
+        if isinstance(exc.os_error, (CallbackRefused, AddressRefused)):
+            return Attempt(False, error="refused: the address is not a public one", final=True)
+        logger.debug("webhook %s: cannot connect: %s", delivery["id"], exc)
+        return Attempt(False, error="cannot connect to the receiver")
     except TimeoutError:
         return Attempt(False, error="no answer in time")
+    except aiohttp.ClientSSLError:
+        return Attempt(False, error="the TLS handshake with the receiver failed")
+    except aiohttp.ServerDisconnectedError:
+        return Attempt(False, error="the receiver closed the connection without answering")
     except (aiohttp.ClientError, OSError, ValueError) as exc:
-        return Attempt(False, error=f"{type(exc).__name__}: {exc}")
+        logger.debug("webhook %s: %s", delivery["id"], exc)
+        return Attempt(False, error=f"the request failed ({type(exc).__name__})")
 
 
 async def send_due(
