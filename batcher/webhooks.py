@@ -24,12 +24,12 @@ A failed attempt is retried with exponential backoff until ``webhook_give_up_s``
 
 Callback URLs must be http(s). Private, loopback, link-local and other non-global addresses are refused
 unless ``BATCHER_WEBHOOK_ALLOW_PRIVATE=true``. The host is read as aiohttp will read it (yarl's IDNA
-normalisation turns ``１２７.０.０.１`` into ``127.0.0.1``), an IP literal in any notation the resolver takes
-(``2130706433``, ``0x7f.0.0.1``, ``127.1``, ``0``, IPv4-mapped, NAT64, 6to4, Teredo) is refused when the URL is
-given, and when a delivery is sent the resolver keeps only public addresses and the connector makes a socket
-only for a public one — the address actually connected to, whatever the name. A refusal fails the delivery at
-once; it is never retried. Redirects are not followed, and the receiver's answer is never read or shown: a
-failed attempt keeps its status code and a fixed reason.
+normalisation turns 127.0.0.1 in full-width digits into ``127.0.0.1``), and an IP literal in any notation the
+resolver takes (``2130706433``, ``0x7f.0.0.1``, ``127.1``, ``0``; IPv4-mapped, NAT64, 6to4, Teredo) is
+refused when the URL is given. When a delivery is sent, the resolver keeps only public addresses and the
+connector makes a socket only for a public one: the address actually connected to, whatever the name. A
+refusal fails the delivery at once; it is never retried. Redirects are not followed, and the receiver's answer
+is never read or shown: a failed attempt keeps its status code and a fixed reason.
 """
 
 from __future__ import annotations
