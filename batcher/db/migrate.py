@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -34,16 +37,41 @@ def _run(connection: Connection, action: str, revision: str) -> None:
         raise ValueError(action)
 
 
-async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Upgrade the database behind ``engine`` to ``revision``."""
+async def _to_the_end(run: Coroutine[Any, Any, None]) -> None:
+    """Run ``run`` to its end even when the caller is cancelled meanwhile, then pass the cancellation on.
+
+    A migration run is one transaction on a connection it holds. Cancelled halfway (a worker stopped while it
+    starts), that connection stays checked out in its thread and, on SQLite, keeps the write lock: the next
+    process to start waits out the busy timeout and fails. Letting the run end (commit or roll back) first
+    costs the rest of a short migration.
+    """
+    task = asyncio.ensure_future(run)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
+
+
+async def _migrate(engine: AsyncEngine, action: str, revision: str) -> None:
     async with engine.begin() as conn:
-        await conn.run_sync(_run, "upgrade", revision)
+        await conn.run_sync(_run, action, revision)
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Upgrade the database behind ``engine`` to ``revision`` (a cancel waits for the run to end)."""
+    await _to_the_end(_migrate(engine, "upgrade", revision))
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
     """Downgrade the database behind ``engine`` to ``revision`` (``base`` empties it)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(_run, "downgrade", revision)
+    await _to_the_end(_migrate(engine, "downgrade", revision))
 
 
 async def check(engine: AsyncEngine) -> None:
